@@ -1,0 +1,1 @@
+"""npuserve daemon: HTTP app, scheduler, config and CLI."""

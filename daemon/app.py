@@ -1,0 +1,161 @@
+"""The aiohttp application: middlewares (errors, CORS, auth, metrics) and route tables.
+
+Layering: routes parse and validate, then call the scheduler; the scheduler
+talks to worker processes; only workers import model libraries.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from .config import Config
+from .metrics import Registry
+from .scheduler import Scheduler, Timing
+from .scheduler_errors import SchedulerError
+from .validation import InvalidRequest, Limits
+
+log = logging.getLogger("npuserve.http")
+VERSION = "0.1.0"
+PUBLIC_PATHS = frozenset({"/health"})
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Services:
+    cfg: Config
+    scheduler: Scheduler
+    metrics: Registry
+    limits: Limits
+    started: float
+
+
+SERVICES = web.AppKey("services", Services)
+
+
+def services(request: web.Request) -> Services:
+    return request.app[SERVICES]
+
+
+def json_error(status: int, message: str, headers: dict[str, str] | None = None,
+               **extra: object) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status, headers=headers)
+
+
+def timing_headers(timing: Timing) -> dict[str, str]:
+    """TEI-style timing headers, in milliseconds."""
+    return {
+        "x-queue-time": f"{timing.queued * 1000:.1f}",
+        "x-load-time": f"{timing.load * 1000:.1f}",
+        "x-inference-time": f"{timing.inference * 1000:.1f}",
+    }
+
+
+def _route_label(request: web.Request) -> str:
+    info = request.match_info.route.resource
+    return info.canonical if info is not None else "unmatched"
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    start = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        route = _route_label(request)
+        reg = services(request).metrics
+        labels = (("endpoint", route), ("status", str(status)))
+        reg.inc("npuserve_http_requests_total", labels, help="HTTP requests by endpoint and status")
+        reg.observe("npuserve_http_request_duration_seconds", (("endpoint", route),),
+                    time.perf_counter() - start, help="HTTP request latency")
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves as {"error": ...} JSON: never aiohttp's HTML or text pages."""
+    try:
+        return await handler(request)
+    except InvalidRequest as exc:
+        return json_error(400, str(exc))
+    except SchedulerError as exc:
+        retry = exc.retry_after_header()
+        return json_error(exc.status, str(exc), {"Retry-After": retry} if retry else None)
+    except web.HTTPRequestEntityTooLarge as exc:
+        return json_error(413, f"request body too large (limit {exc.max_size} bytes)")
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return json_error(405, f"method {request.method} not allowed on {request.path};"
+                          f" use {allowed}", {"Allow": allowed})
+    except web.HTTPNotFound:
+        return json_error(404, f"not found: {request.path}")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return json_error(exc.status, exc.reason or "error")
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return json_error(500, "internal server error")
+
+
+@web.middleware
+async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.method == "OPTIONS":
+        response: web.StreamResponse = web.Response(status=204)
+    else:
+        response = await handler(request)
+    response.headers["Access-Control-Allow-Origin"] = "*"
+    response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+    response.headers["Access-Control-Allow-Methods"] = "GET, POST, PUT, DELETE, OPTIONS"
+    return response
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    key = services(request).cfg.get("server.api_key")
+    if key and request.path not in PUBLIC_PATHS:
+        given = request.headers.get("Authorization", "")
+        scheme, _, token = given.partition(" ")
+        # compare_digest: the time taken does not reveal how much of the key matched.
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
+                                                                 key.encode())
+        if not ok:
+            return json_error(401, "missing or wrong API key (Authorization: Bearer <key>)",
+                              {"WWW-Authenticate": 'Bearer realm="npuserve"'})
+    return await handler(request)
+
+
+def build_app(cfg: Config, scheduler: Scheduler) -> web.Application:
+    from . import rerank_shapes, routes_ollama, routes_openai, routes_ops, routes_qmd
+
+    max_body = int(cfg.get("server.max_body_mb") * 1024 * 1024)
+    app = web.Application(
+        client_max_size=max_body,
+        middlewares=[metrics_middleware, cors_middleware, error_middleware, auth_middleware],
+    )
+    app[SERVICES] = Services(
+        cfg=cfg,
+        scheduler=scheduler,
+        metrics=Registry(),
+        limits=Limits(int(cfg.get("server.max_batch")), int(cfg.get("server.max_text_chars"))),
+        started=time.time(),
+    )
+    for module in (routes_qmd, rerank_shapes, routes_openai, routes_ollama, routes_ops):
+        app.add_routes(module.routes)
+
+    async def on_startup(app: web.Application) -> None:
+        scheduler.start()
+
+    async def on_cleanup(app: web.Application) -> None:
+        await scheduler.stop(float(cfg.get("server.shutdown_timeout")))
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return app

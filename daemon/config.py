@@ -1,0 +1,288 @@
+"""Configuration: a TOML file, overridden by NPUSERVE_* variables, overridden by flags.
+
+Every key is declared once in SCHEMA with its type and default; the loader
+rejects unknown keys and wrong types with a message that names the key, so a
+typo in /etc/npuserve/config.toml stops the service at start-up instead of
+being silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .backend_api import TASKS
+
+SYSTEM_CONFIG = Path("/etc/npuserve/config.toml")
+ENV_PREFIX = "NPUSERVE_"
+# Variables that are not config keys but are still ours.
+ENV_NON_KEYS = {"NPUSERVE_CONFIG", "NPUSERVE_LOG_LEVEL"}
+
+DEFAULT_RERANK_TEMPLATE = (
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the "
+    'Query and the Instruct provided. Note that the answer can only be "yes" or "no".'
+    "<|im_end|>\n<|im_start|>user\n<Instruct>: {instruction}\n<Query>: {query}\n"
+    "<Document>: {document}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+)
+DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class Key:
+    type: type
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+    minimum: float | None = None
+
+
+_SERVER: dict[str, Key] = {
+    "host": Key(str, "127.0.0.1", "bind address; anything but loopback needs api_key"),
+    "port": Key(int, 7832, "TCP port", minimum=0),
+    "api_key": Key(str, "", "Bearer key for every endpoint but /health (empty: none)"),
+    "name": Key(str, "", "instance name for mDNS (empty: hostname)"),
+    "max_body_mb": Key(float, 50.0, "largest request body in MB (413 above)", minimum=0.001),
+    "max_batch": Key(int, 512, "most texts or documents in one request", minimum=1),
+    "max_text_chars": Key(int, 100_000, "longest single text in characters", minimum=1),
+    "shutdown_timeout": Key(float, 30.0, "seconds in-flight requests get on SIGTERM", minimum=0),
+}
+_SCHEDULER: dict[str, Key] = {
+    "policy": Key(
+        str, "sequential", "models resident per device", ("sequential", "resident", "auto")
+    ),
+    "keep_alive": Key(
+        float, 300.0, "seconds an idle model stays loaded (0: unload at once, <0: never)"
+    ),
+    "aging_ms": Key(
+        float, 2000.0, "a queue whose head waited this long forces a model switch", minimum=0
+    ),
+    "coalesce_texts": Key(int, 64, "most texts merged into one embedding call", minimum=1),
+    "max_queue": Key(int, 4096, "most queued items before 503", minimum=1),
+    "request_timeout": Key(float, 300.0, "seconds a request may wait and run", minimum=0.1),
+    "memory_reserve_mb": Key(float, 512.0, "RAM kept free by the auto policy", minimum=0),
+}
+_MODEL: dict[str, Key] = {
+    "name": Key(str, "", "model name reported to clients (empty: from the file)"),
+    "path": Key(str, "", "model file or directory (empty: the prepared default)"),
+    "device": Key(str, "auto", "where it runs", ("auto", "npu", "cpu")),
+    "n_ctx": Key(int, 0, "context length in tokens (0: task default)", minimum=0),
+    "threads": Key(int, 0, "CPU threads (0: one per core)", minimum=0),
+    "template": Key(str, DEFAULT_RERANK_TEMPLATE, "rerank prompt with {instruction} {query} {document}"),
+    "instruction": Key(str, DEFAULT_INSTRUCTION, "rerank instruction"),
+    "yes_token": Key(str, "yes", "rerank token whose probability is the score"),
+    "no_token": Key(str, "no", "rerank counter token"),
+    "max_tokens": Key(int, 600, "expansion: most generated tokens", minimum=1),
+    "max_lines": Key(int, 6, "expansion: most lex/vec/hyde lines (the grammar bound)", minimum=1),
+    "max_line_chars": Key(int, 160, "expansion: longest line (the grammar bound)", minimum=8),
+    "temperature": Key(float, 0.7, "expansion sampling temperature", minimum=0),
+    "top_k": Key(int, 20, "expansion top-k", minimum=0),
+    "top_p": Key(float, 0.8, "expansion top-p", minimum=0),
+    "presence_penalty": Key(float, 0.5, "expansion presence penalty over the last 64 tokens"),
+    "seed": Key(int, -1, "expansion RNG seed (-1: random)"),
+}
+TASK_CTX_DEFAULT = {"embed": 512, "rerank": 2048, "expand": 2048}
+
+SCHEMA: dict[str, Any] = {
+    "state_dir": Key(str, "", "models, index, calibration (empty: per-user or /var/lib)"),
+    "log_level": Key(str, "info", "logging level", ("debug", "info", "warning", "error")),
+    "server": _SERVER,
+    "scheduler": _SCHEDULER,
+    "models": {task: _MODEL for task in TASKS},
+}
+
+
+def _coerce(path: str, key: Key, value: Any, from_text: bool) -> Any:
+    """Check (or, for env/flag text, parse) one value against its declared type."""
+    if from_text:
+        value = _parse_text(path, key, str(value))
+    if key.type is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not key.type:
+        raise ConfigError(f"{path}: expected {key.type.__name__}, got {type(value).__name__}")
+    if key.choices and value not in key.choices:
+        raise ConfigError(f"{path}: must be one of {', '.join(key.choices)}, got {value!r}")
+    if key.minimum is not None and value < key.minimum:
+        raise ConfigError(f"{path}: must be >= {key.minimum}, got {value!r}")
+    return value
+
+
+def _parse_text(path: str, key: Key, text: str) -> Any:
+    try:
+        if key.type is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        return key.type(text)
+    except ValueError:
+        raise ConfigError(f"{path}: cannot read {text!r} as {key.type.__name__}") from None
+
+
+def _walk(schema: Mapping[str, Any], prefix: str = "") -> dict[str, Key]:
+    """Flatten the schema to dotted paths."""
+    flat: dict[str, Key] = {}
+    for name, node in schema.items():
+        path = f"{prefix}{name}"
+        if isinstance(node, Key):
+            flat[path] = node
+        else:
+            flat.update(_walk(node, path + "."))
+    return flat
+
+
+FLAT_SCHEMA = _walk(SCHEMA)
+
+
+def _flatten_file(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, value in data.items():
+        path = f"{prefix}{name}"
+        if isinstance(value, dict):
+            flat.update(_flatten_file(value, path + "."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def env_name(path: str) -> str:
+    return ENV_PREFIX + path.upper().replace(".", "_")
+
+
+@dataclass
+class ModelConfig:
+    task: str
+    name: str
+    path: str
+    device: str
+    n_ctx: int
+    threads: int
+    options: dict[str, Any]
+
+
+@dataclass
+class Config:
+    values: dict[str, Any]
+    source: str
+
+    def get(self, path: str) -> Any:
+        return self.values[path]
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.values["state_dir"])
+
+    @property
+    def models_dir(self) -> Path:
+        return self.state_dir / "models"
+
+    def model(self, task: str) -> ModelConfig:
+        prefix = f"models.{task}."
+        opts = {k[len(prefix):]: v for k, v in self.values.items() if k.startswith(prefix)}
+        n_ctx = opts.pop("n_ctx") or TASK_CTX_DEFAULT[task]
+        return ModelConfig(
+            task=task,
+            name=opts.pop("name"),
+            path=opts.pop("path"),
+            device=opts.pop("device"),
+            n_ctx=n_ctx,
+            threads=opts.pop("threads"),
+            options=opts,
+        )
+
+
+def default_state_dir(env: Mapping[str, str]) -> Path:
+    # systemd's StateDirectory= sets STATE_DIRECTORY: that is the service's case.
+    if env.get("STATE_DIRECTORY"):
+        return Path(env["STATE_DIRECTORY"].split(":")[0])
+    base = env.get("XDG_DATA_HOME") or str(Path(env.get("HOME", "~")).expanduser() / ".local/share")
+    return Path(base) / "npuserve"
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Merge defaults < file < environment < overrides (CLI flags, already typed or text)."""
+    env = os.environ if env is None else env
+    values = {p: k.default for p, k in FLAT_SCHEMA.items()}
+    source = "defaults"
+    if path is None and env.get("NPUSERVE_CONFIG"):
+        path = env["NPUSERVE_CONFIG"]
+    if path is None and SYSTEM_CONFIG.is_file():
+        path = SYSTEM_CONFIG
+    if path is not None:
+        values.update(_read_file(Path(path)))
+        source = str(path)
+    for name, text in env.items():
+        if not name.startswith(ENV_PREFIX) or name in ENV_NON_KEYS:
+            continue
+        key_path = _env_to_path(name)
+        values[key_path] = _coerce(name, FLAT_SCHEMA[key_path], text, from_text=True)
+    for key_path, value in (overrides or {}).items():
+        if key_path not in FLAT_SCHEMA:
+            raise ConfigError(f"{key_path}: unknown key")
+        values[key_path] = _coerce(
+            key_path, FLAT_SCHEMA[key_path], value, from_text=isinstance(value, str)
+        )
+    if not values["state_dir"]:
+        values["state_dir"] = str(default_state_dir(env))
+    return Config(values=values, source=source)
+
+
+_ENV_INDEX = {env_name(p): p for p in FLAT_SCHEMA}
+
+
+def _env_to_path(name: str) -> str:
+    try:
+        return _ENV_INDEX[name]
+    except KeyError:
+        raise ConfigError(f"{name}: unknown NPUSERVE_ variable") from None
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    out: dict[str, Any] = {}
+    for key_path, value in _flatten_file(data).items():
+        if key_path not in FLAT_SCHEMA:
+            raise ConfigError(f"{key_path}: unknown key in {path}")
+        out[key_path] = _coerce(key_path, FLAT_SCHEMA[key_path], value, from_text=False)
+    return out
+
+
+def render_example() -> str:
+    """A config.toml with every key commented out at its default (for docs and the .deb)."""
+    lines = ["# npuserve configuration. Every key is shown at its default.", ""]
+    sections: dict[str, list[str]] = {}
+    for key_path, key in FLAT_SCHEMA.items():
+        section, _, name = key_path.rpartition(".")
+        value = key.default
+        if isinstance(value, str):
+            value_text = '"' + value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"') + '"'
+        elif isinstance(value, bool):
+            value_text = str(value).lower()
+        else:
+            value_text = repr(value)
+        choices = f" [{'|'.join(key.choices)}]" if key.choices else ""
+        sections.setdefault(section, []).append(f"# {key.help}{choices}\n#{name} = {value_text}")
+    for section, entries in sections.items():
+        if section:
+            lines.append(f"[{section}]")
+        lines.extend(entries)
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,90 @@
+"""Operations: /health (public), /metrics (Prometheus text)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from aiohttp import web
+
+from .app import VERSION, services
+from .metrics import Labels
+from .scheduler import ModelState, Scheduler
+
+routes = web.RouteTableDef()
+# QMD's /health names the expansion model "generate".
+HEALTH_TASK_NAMES = {"embed": "embed", "rerank": "rerank", "expand": "generate"}
+
+
+def model_problem(sched: Scheduler, model: ModelState) -> str | None:
+    """Why this model cannot serve now, or None."""
+    if not os.path.exists(model.plan.spec.path):
+        return (f"{model.plan.name}: model file {model.plan.spec.path} not found;"
+                " run `npuserve models prepare`")
+    if model.state == "failed" and time.monotonic() < model.retry_at:
+        return f"{model.plan.name}: load failed: {model.error}"
+    return None
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    sched = services(request).scheduler
+    problems: list[str] = []
+    models: dict[str, str] = {}
+    devices: dict[str, dict[str, object]] = {}
+    for task, label in HEALTH_TASK_NAMES.items():
+        m = sched.model_state(task)
+        models[label] = m.plan.name
+        devices[label] = {"device": m.plan.device, "state": m.state,
+                          "reason": m.plan.device_reason}
+        problem = model_problem(sched, m)
+        if problem and problem not in problems:
+            problems.append(problem)
+    body: dict[str, object] = {
+        "ok": not problems,
+        "version": "2",
+        "backend": "npuserve",
+        "server_version": VERSION,
+        "models": models,
+        "devices": devices,
+    }
+    if problems:
+        body["error"] = "; ".join(problems)
+        return web.json_response(body, status=503)
+    return web.json_response(body)
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    svc = services(request)
+    sched = svc.scheduler
+    now = time.monotonic()
+    gauges: list[tuple[str, str, Labels, float]] = []
+    per_model = [(m, (("model", m.plan.name), ("device", m.plan.device)))
+                 for m in sched.all_models()]
+    for m, lb in per_model:
+        gauges.append(("npuserve_queue_depth", "queued requests per model", lb, len(m.queue)))
+    for m, lb in per_model:
+        gauges.append(("npuserve_queue_oldest_wait_seconds", "age of the oldest queued request",
+                       lb, m.head_age(now)))
+    for m, lb in per_model:
+        resident = m.model_id in sched.lane_of(m).resident
+        gauges.append(("npuserve_model_resident", "1 when loaded", lb, float(resident)))
+    for m, lb in per_model:
+        gauges.append(("npuserve_model_loads", "model loads since start", lb, m.loads))
+    for m, lb in per_model:
+        gauges.append(("npuserve_model_unloads", "model unloads since start", lb, m.unloads))
+    for m, lb in per_model:
+        gauges.append(("npuserve_model_load_seconds", "seconds spent loading", lb,
+                       m.load_seconds_total))
+    for m, lb in per_model:
+        gauges.append(("npuserve_model_seconds_per_item", "measured cost per item", lb,
+                       m.sec_per_item or 0.0))
+    for lane in sched.lanes.values():
+        gauges.append(("npuserve_worker_restarts", "worker processes lost and restarted",
+                       (("device", lane.device),), lane.crashes))
+    for name, value in sorted(sched.metrics.items()):
+        gauges.append((f"npuserve_scheduler_{name}", f"scheduler events: {name}", (), value))
+    text = svc.metrics.render(gauges)
+    return web.Response(text=text, content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})

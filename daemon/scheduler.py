@@ -1,0 +1,571 @@
+"""The model scheduler: per-model queues, one lane (worker process) per device.
+
+A lane serves the resident model's queue and coalesces embedding requests
+into one backend call. It switches to another model when the resident queue
+is empty, or when another queue's oldest request has waited longer than the
+aging bound; the next model is the one whose oldest request has waited
+longest. Loads happen only in the lane loop, so they are single-flight, and
+a model with nothing queued is never loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import worker_protocol as wp
+from .config import Config
+from .model_registry import ModelPlan
+from .scheduler_errors import (
+    BackendFailed,
+    BadRequest,
+    DeadlineExceeded,
+    ModelUnavailable,
+    Overloaded,
+    SchedulerError,
+    ShuttingDown,
+)
+from .worker_handle import WorkerDied, WorkerHandle, WorkerTimeout
+
+log = logging.getLogger("npuserve.scheduler")
+
+# A worker whose RSS stays this far above its pre-load baseline after every
+# model is unloaded is replaced, so "unload" returns memory for certain.
+RECYCLE_SLACK_BYTES = 48 * 1024 * 1024
+LOAD_BACKOFF_MAX = 300.0
+# Without a measurement yet, a load may take this long (slow SD cards).
+COLD_LOAD_ALLOWANCE = 600.0
+
+
+@dataclass
+class Timing:
+    queued: float = 0.0
+    load: float = 0.0
+    inference: float = 0.0
+
+
+@dataclass
+class Job:
+    request: wp.Request
+    items: int
+    enqueued: float
+    deadline: float
+    future: asyncio.Future[Any]
+    timing: Timing = field(default_factory=Timing)
+    attempts: int = 0
+
+
+@dataclass
+class ModelState:
+    plan: ModelPlan
+    state: str = "unloaded"  # unloaded | loading | ready | failed
+    queue: collections.deque[Job] = field(default_factory=collections.deque)
+    loads: int = 0
+    unloads: int = 0
+    load_seconds_total: float = 0.0
+    last_load_seconds: float | None = None
+    sec_per_item: float | None = None  # EWMA of measured cost
+    last_used: float = 0.0
+    error: str | None = None
+    retry_at: float = 0.0
+    failures: int = 0
+    dim: int | None = None
+    rss: int = 0
+
+    @property
+    def model_id(self) -> str:
+        return self.plan.spec.model_id
+
+    def head_age(self, now: float) -> float:
+        return now - self.queue[0].enqueued if self.queue else 0.0
+
+    def queued_items(self) -> int:
+        return sum(j.items for j in self.queue)
+
+
+class Lane:
+    """One device: one worker process, the models placed on it, and its loop."""
+
+    def __init__(self, device: str, sched: Scheduler) -> None:
+        self.device = device
+        self.sched = sched
+        self.worker = WorkerHandle(device, sched.log_level)
+        self.models: dict[str, ModelState] = {}
+        self.resident: list[str] = []  # least recently used first
+        self.light: collections.deque[Job] = collections.deque()
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.baseline_rss: int | None = None
+        self.swaps = 0
+        self.recycles = 0
+        self.crashes = 0
+
+    # --- picking work -----------------------------------------------------
+
+    def pick(self, now: float) -> ModelState | None:
+        waiting = [m for m in self.models.values() if m.queue]
+        if not waiting:
+            return None
+        oldest = max(waiting, key=lambda m: m.head_age(now))
+        current = [m for m in waiting if m.model_id in self.resident]
+        if not current:
+            return oldest
+        serving = max(current, key=lambda m: m.head_age(now))
+        aging = self.sched.aging_s
+        if oldest is not serving and oldest.head_age(now) > aging:
+            return oldest  # the aging bound: no queue starves behind a busy model
+        return serving
+
+    # --- loop ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            self.wake.clear()
+            await self._serve_light()
+            now = time.monotonic()
+            self._drop_dead(now)
+            model = self.pick(now)
+            if model is None:
+                timeout = await self._idle_unloads(now)
+                if self.sched.stopping and not self._busy():
+                    return
+                try:
+                    await asyncio.wait_for(self.wake.wait(), timeout)
+                except TimeoutError:
+                    pass
+                continue
+            if not await self._ensure_loaded(model):
+                continue
+            await self._run_batch(model)
+
+    def _busy(self) -> bool:
+        return bool(self.light) or any(m.queue for m in self.models.values())
+
+    def _drop_dead(self, now: float) -> None:
+        """Expired requests get 504 and never run; cancelled ones are dropped."""
+        for m in self.models.values():
+            kept = collections.deque()
+            for job in m.queue:
+                if job.future.done():
+                    continue  # the client went away
+                if now >= job.deadline:
+                    job.future.set_exception(
+                        DeadlineExceeded(f"request waited {now - job.enqueued:.1f}s, past its deadline")
+                    )
+                    self.sched.metrics["deadline_expired"] += 1
+                    continue
+                kept.append(job)
+            m.queue = kept
+
+    async def _serve_light(self) -> None:
+        while self.light:
+            job = self.light.popleft()
+            if job.future.done():
+                continue
+            try:
+                reply = await self.worker.call(job.request, timeout=60.0)
+            except (WorkerDied, WorkerTimeout) as exc:
+                self._worker_lost(str(exc))
+                job.future.set_exception(BackendFailed(f"tokenizer failed: {exc}"))
+                continue
+            _settle(job, reply)
+
+    # --- residency ----------------------------------------------------------
+
+    async def _ensure_loaded(self, model: ModelState) -> bool:
+        if model.model_id in self.resident:
+            self.resident.remove(model.model_id)
+            self.resident.append(model.model_id)
+            return True
+        now = time.monotonic()
+        if model.state == "failed" and now < model.retry_at:
+            self._fail_queue(model, ModelUnavailable(model.error or "load failed",
+                                                     retry_after=model.retry_at - now))
+            return False
+        for victim in self._victims_for(model):
+            await self._unload(self.models[victim])
+        model.state = "loading"
+        allowance = self.sched.load_allowance(model)
+        try:
+            reply = await self.worker.call(wp.Load(model.plan.spec), timeout=allowance)
+        except (WorkerDied, WorkerTimeout) as exc:
+            self._worker_lost(str(exc))
+            self._load_failed(model, f"worker died while loading: {exc}")
+            return False
+        if isinstance(reply, wp.Failure):
+            self._load_failed(model, reply.error)
+            return False
+        assert isinstance(reply, wp.Loaded)
+        if self.baseline_rss is None or not self.resident:
+            self.baseline_rss = reply.rss_before
+        model.state, model.error, model.failures = "ready", None, 0
+        model.loads += 1
+        model.load_seconds_total += reply.seconds
+        model.last_load_seconds = reply.seconds
+        model.dim = reply.dim
+        model.rss = max(0, reply.rss_after - reply.rss_before)
+        self.resident.append(model.model_id)
+        self.swaps += 1
+        self.sched.metrics["loads"] += 1
+        for job in model.queue:
+            job.timing.load += reply.seconds
+        log.info("loaded %s on %s in %.2fs", model.plan.name, self.device, reply.seconds)
+        return True
+
+    def _victims_for(self, model: ModelState) -> list[str]:
+        """Resident models to unload before `model` loads, per memory policy."""
+        policy = self.sched.policy
+        if policy == "resident" or not self.resident:
+            return []
+        if policy == "sequential":
+            return list(self.resident)
+        # auto: evict idle models, least recently used first, until it fits.
+        need = self.sched.estimate_bytes(model)
+        room = mem_available() - self.sched.reserve_bytes
+        victims: list[str] = []
+        for mid in self.resident:
+            if need <= room:
+                break
+            if not self.models[mid].queue:
+                victims.append(mid)
+                room += self.sched.estimate_bytes(self.models[mid])
+        return victims if need <= room else list(self.resident)
+
+    async def _unload(self, model: ModelState) -> None:
+        if model.model_id not in self.resident:
+            return
+        self.resident.remove(model.model_id)
+        model.state = "unloaded"
+        model.unloads += 1
+        self.sched.metrics["unloads"] += 1
+        try:
+            reply = await self.worker.call(wp.Unload(model.model_id), timeout=60.0)
+        except (WorkerDied, WorkerTimeout) as exc:
+            self._worker_lost(str(exc))
+            return
+        log.info("unloaded %s from %s", model.plan.name, self.device)
+        if (
+            not self.resident
+            and isinstance(reply, wp.Unloaded)
+            and self.baseline_rss is not None
+            and reply.rss_after > self.baseline_rss + RECYCLE_SLACK_BYTES
+        ):
+            log.info("worker %s kept %d MB after unload: recycling it", self.device,
+                     (reply.rss_after - self.baseline_rss) >> 20)
+            await self.worker.stop()
+            self.baseline_rss = None
+            self.recycles += 1
+
+    async def _idle_unloads(self, now: float) -> float | None:
+        """Unload models idle past keep_alive; return seconds until the next one is due."""
+        keep = self.sched.keep_alive
+        if keep < 0:
+            return None
+        next_due: float | None = None
+        for mid in list(self.resident):
+            m = self.models[mid]
+            due = m.last_used + keep
+            if now >= due:
+                await self._unload(m)
+            else:
+                next_due = min(next_due or due - now, due - now)
+        return next_due
+
+    def _load_failed(self, model: ModelState, reason: str) -> None:
+        model.failures += 1
+        backoff = min(LOAD_BACKOFF_MAX, 2.0 ** model.failures)
+        model.state, model.error = "failed", reason
+        model.retry_at = time.monotonic() + backoff
+        self.sched.metrics["load_failures"] += 1
+        log.error("loading %s failed (retry in %.0fs): %s", model.plan.name, backoff, reason)
+        self._fail_queue(model, ModelUnavailable(f"model {model.plan.name} cannot load: {reason}",
+                                                 retry_after=backoff))
+
+    def _fail_queue(self, model: ModelState, exc: SchedulerError) -> None:
+        while model.queue:
+            job = model.queue.popleft()
+            if not job.future.done():
+                job.future.set_exception(exc)
+
+    def _worker_lost(self, reason: str) -> None:
+        """Everything the worker held is gone; the next call starts a new one."""
+        self.crashes += 1
+        self.sched.metrics["worker_crashes"] += 1
+        log.error("%s worker lost: %s", self.device, reason)
+        for mid in self.resident:
+            self.models[mid].state = "unloaded"
+        self.resident.clear()
+        self.baseline_rss = None
+
+    # --- running ------------------------------------------------------------
+
+    def _take(self, model: ModelState) -> list[Job]:
+        first = model.queue.popleft()
+        jobs = [first]
+        if isinstance(first.request, wp.Embed):
+            limit = self.sched.coalesce_texts
+            total = first.items
+            while model.queue and isinstance(model.queue[0].request, wp.Embed):
+                nxt = model.queue[0]
+                if total + nxt.items > limit:
+                    break
+                jobs.append(model.queue.popleft())
+                total += nxt.items
+        return jobs
+
+    async def _run_batch(self, model: ModelState) -> None:
+        jobs = self._take(model)
+        start = time.monotonic()
+        for job in jobs:
+            job.timing.queued = start - job.enqueued - job.timing.load
+        request = _merge(jobs)
+        timeout = max(j.deadline for j in jobs) - start
+        try:
+            reply = await self.worker.call(request, timeout=max(timeout, 1.0))
+        except (WorkerDied, WorkerTimeout) as exc:
+            self._worker_lost(str(exc))
+            self._retry_or_fail(model, jobs, exc)
+            return
+        elapsed = time.monotonic() - start
+        model.last_used = time.monotonic()
+        self.sched.observe(model, sum(j.items for j in jobs), elapsed)
+        for job in jobs:
+            job.timing.inference = elapsed
+        if isinstance(reply, wp.Vectors) and len(jobs) > 1:
+            _split_vectors(jobs, reply)
+        else:
+            for job in jobs:
+                _settle(job, reply)
+
+    def _retry_or_fail(self, model: ModelState, jobs: list[Job], exc: Exception) -> None:
+        # One retry on a fresh worker; a request that kills the worker twice fails.
+        for job in reversed(jobs):
+            job.attempts += 1
+            if job.future.done():
+                continue
+            if job.attempts < 2:
+                model.queue.appendleft(job)
+            else:
+                job.future.set_exception(BackendFailed(
+                    f"model worker crashed twice on this request ({exc}); it was restarted"))
+
+
+def _merge(jobs: list[Job]) -> wp.Request:
+    if len(jobs) == 1:
+        return jobs[0].request
+    first = jobs[0].request
+    assert isinstance(first, wp.Embed)
+    texts: list[str] = []
+    for job in jobs:
+        assert isinstance(job.request, wp.Embed)
+        texts.extend(job.request.texts)
+    return wp.Embed(first.model_id, tuple(texts))
+
+
+def _split_vectors(jobs: list[Job], reply: wp.Vectors) -> None:
+    arr = reply.array()
+    pos = 0
+    for job in jobs:
+        n = job.items
+        part = arr[pos:pos + n]
+        if not job.future.done():
+            job.future.set_result(wp.Vectors.pack(
+                part, list(reply.truncated[pos:pos + n]), reply.tokens * n // max(1, len(arr)),
+                reply.seconds))
+        pos += n
+
+
+def _settle(job: Job, reply: wp.Reply) -> None:
+    if job.future.done():
+        return
+    if isinstance(reply, wp.Failure):
+        cls = BadRequest if reply.kind == "bad_request" else BackendFailed
+        job.future.set_exception(cls(reply.error))
+    else:
+        job.future.set_result(reply)
+
+
+class Scheduler:
+    """Owns the lanes; the HTTP layer calls submit() and gets replies or SchedulerErrors."""
+
+    def __init__(self, cfg: Config, plans: dict[str, ModelPlan], task_model: dict[str, str],
+                 log_level: int = logging.INFO) -> None:
+        self.cfg = cfg
+        self.plans = plans
+        self.task_model = task_model
+        self.log_level = log_level
+        self.policy = cfg.get("scheduler.policy")
+        self.keep_alive = float(cfg.get("scheduler.keep_alive"))
+        self.aging_s = float(cfg.get("scheduler.aging_ms")) / 1000.0
+        self.coalesce_texts = int(cfg.get("scheduler.coalesce_texts"))
+        self.max_queue = int(cfg.get("scheduler.max_queue"))
+        self.request_timeout = float(cfg.get("scheduler.request_timeout"))
+        self.reserve_bytes = int(float(cfg.get("scheduler.memory_reserve_mb")) * 1024 * 1024)
+        self.stopping = False
+        self.metrics: collections.Counter[str] = collections.Counter()
+        self.lanes: dict[str, Lane] = {}
+        for plan in plans.values():
+            lane = self.lanes.setdefault(plan.device, Lane(plan.device, self))
+            lane.models[plan.spec.model_id] = ModelState(plan)
+
+    # --- lifecycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        for lane in self.lanes.values():
+            lane.task = asyncio.create_task(lane.run(), name=f"lane-{lane.device}")
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Stop taking work, let queued work finish within `timeout`, then stop workers."""
+        self.stopping = True
+        for lane in self.lanes.values():
+            lane.wake.set()
+        tasks = [lane.task for lane in self.lanes.values() if lane.task]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            for lane in self.lanes.values():
+                for m in lane.models.values():
+                    lane._fail_queue(m, ShuttingDown("server is shutting down"))
+        for lane in self.lanes.values():
+            await lane.worker.stop()
+
+    # --- estimates --------------------------------------------------------------
+
+    def model_state(self, task: str) -> ModelState:
+        mid = self.task_model[task]
+        return self.lanes[self.plans[mid].device].models[mid]
+
+    def observe(self, model: ModelState, items: int, seconds: float) -> None:
+        per = seconds / max(1, items)
+        model.sec_per_item = per if model.sec_per_item is None else (
+            0.8 * model.sec_per_item + 0.2 * per)
+
+    def load_allowance(self, model: ModelState) -> float:
+        if model.last_load_seconds is None:
+            return COLD_LOAD_ALLOWANCE
+        return max(30.0, 10.0 * model.last_load_seconds)
+
+    def expected_wait(self, lane: Lane, model: ModelState, items: int) -> float | None:
+        """Seconds until a new request of `items` would finish; None while uncalibrated."""
+        total = 0.0
+        for m in lane.models.values():
+            if m.queue:
+                if m.sec_per_item is None:
+                    return None
+                total += m.sec_per_item * m.queued_items()
+                if m.model_id not in lane.resident and m is not model:
+                    total += m.last_load_seconds or 0.0
+        if model.sec_per_item is None:
+            return None
+        total += model.sec_per_item * items
+        if model.model_id not in lane.resident:
+            total += model.last_load_seconds or 0.0
+        return total
+
+    def estimate_bytes(self, model: ModelState) -> int:
+        if model.rss:
+            return model.rss
+        try:
+            import os
+            return os.path.getsize(model.plan.spec.path) + 64 * 1024 * 1024
+        except OSError:
+            return 0
+
+    # --- submission ---------------------------------------------------------------
+
+    async def submit(self, task: str, request: wp.Request, items: int) -> tuple[Any, Timing]:
+        if self.stopping:
+            raise ShuttingDown("server is shutting down", retry_after=5)
+        model = self.model_state(task)
+        lane = self.lanes[model.plan.device]
+        now = time.monotonic()
+        if model.state == "failed" and now < model.retry_at:
+            raise ModelUnavailable(f"model {model.plan.name} cannot load: {model.error}",
+                                   retry_after=model.retry_at - now)
+        queued = sum(m.queued_items() for m in lane.models.values())
+        expected = self.expected_wait(lane, model, items)
+        if queued + items > self.max_queue:
+            self.metrics["rejected_overload"] += 1
+            raise Overloaded(f"queue full ({queued} items waiting)",
+                             retry_after=expected or 1.0)
+        if expected is not None and expected > self.request_timeout:
+            self.metrics["rejected_overload"] += 1
+            raise Overloaded(
+                f"expected completion in {expected:.0f}s exceeds the {self.request_timeout:.0f}s"
+                " deadline", retry_after=expected - self.request_timeout)
+        job = Job(request, items, now, now + self.request_timeout,
+                  asyncio.get_running_loop().create_future())
+        model.queue.append(job)
+        lane.wake.set()
+        try:
+            reply = await job.future
+        except asyncio.CancelledError:
+            # The client disconnected: a queued job is skipped by the lane.
+            job.future.cancel()
+            raise
+        return reply, job.timing
+
+    async def count_tokens(self, task: str, texts: list[str]) -> list[int]:
+        model = self.model_state(task)
+        lane = self.lanes[model.plan.device]
+        now = time.monotonic()
+        job = Job(wp.CountTokens(model.plan.spec, tuple(texts)), len(texts), now,
+                  now + self.request_timeout, asyncio.get_running_loop().create_future())
+        lane.light.append(job)
+        lane.wake.set()
+        reply = await job.future
+        assert isinstance(reply, wp.TokenCounts)
+        return list(reply.counts)
+
+    # --- convenience for routes -------------------------------------------------
+
+    async def embed(self, texts: list[str]) -> tuple[np.ndarray, list[bool], int, Timing]:
+        mid = self.task_model["embed"]
+        reply, timing = await self.submit("embed", wp.Embed(mid, tuple(texts)), len(texts))
+        assert isinstance(reply, wp.Vectors)
+        return reply.array(), list(reply.truncated), reply.tokens, timing
+
+    async def rerank(self, query: str, documents: list[str], instruction: str | None = None
+                     ) -> tuple[list[float], list[bool], int, Timing]:
+        mid = self.task_model["rerank"]
+        if instruction is None:
+            instruction = str(self.plans[mid].spec.option("instruction", ""))
+        req = wp.Rerank(mid, query, tuple(documents), instruction)
+        reply, timing = await self.submit("rerank", req, len(documents))
+        assert isinstance(reply, wp.Scores)
+        return list(reply.scores), list(reply.truncated), reply.tokens, timing
+
+    async def expand(self, query: str, intent: str | None, include_lexical: bool
+                     ) -> tuple[list[tuple[str, str]], Timing]:
+        mid = self.task_model["expand"]
+        reply, timing = await self.submit(
+            "expand", wp.Expand(mid, query, intent, include_lexical), 1)
+        assert isinstance(reply, wp.Lines)
+        return [tuple(x) for x in reply.lines], timing  # type: ignore[misc]
+
+    def model_name(self, task: str) -> str:
+        return self.plans[self.task_model[task]].name
+
+    def all_models(self) -> list[ModelState]:
+        return [m for lane in self.lanes.values() for m in lane.models.values()]
+
+    def lane_of(self, model: ModelState) -> Lane:
+        return self.lanes[model.plan.device]
+
+
+def mem_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62

@@ -1,0 +1,1 @@
+"""CPU backends (llama-cpp-python)."""

@@ -1,0 +1,62 @@
+"""What both llama-cpp-python backends share: thread sizing, quiet loading, token helpers."""
+
+from __future__ import annotations
+
+import gc
+import os
+from pathlib import Path
+from typing import Any
+
+from npuserve.daemon.backend_api import BackendError
+from npuserve.daemon.worker_protocol import ModelSpec
+
+
+def thread_count(requested: int) -> int:
+    """Threads for llama.cpp: never more than the cores this process may use.
+
+    Oversubscription is catastrophic on small boards (4 threads on 2 cores made
+    generation ~70x slower here), so an explicit request is capped too.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(requested, cores) if requested > 0 else cores)
+
+
+def open_llama(spec: ModelSpec, **kwargs: Any) -> Any:
+    """Construct a llama_cpp.Llama for `spec`, turning library errors into BackendError."""
+    from llama_cpp import Llama
+
+    path = Path(spec.path)
+    if not path.is_file():
+        raise BackendError(f"model file {path} does not exist")
+    try:
+        return Llama(model_path=str(path), verbose=False, **kwargs)
+    except (ValueError, RuntimeError) as exc:  # llama-cpp-python's "Failed to load model"
+        raise BackendError(f"cannot load {path.name}: {exc}") from exc
+
+
+def open_vocab(spec: ModelSpec) -> Any:
+    """A tokenizer-only handle: a few MB, no weights, no context."""
+    return open_llama(spec, vocab_only=True)
+
+
+def close_llama(llm: Any) -> None:
+    """Free the model and context now, not whenever the GC runs."""
+    if llm is None:
+        return
+    close = getattr(llm, "close", None)
+    if close is not None:
+        close()
+    del llm
+    gc.collect()
+
+
+def file_memory_estimate(spec: ModelSpec, per_ctx_token: int) -> int:
+    """Weights (the file, mmapped) plus a context buffer that grows with n_ctx."""
+    try:
+        size = Path(spec.path).stat().st_size
+    except OSError:
+        size = 0
+    return size + spec.n_ctx * per_ctx_token + 32 * 1024 * 1024

@@ -1,0 +1,105 @@
+"""Embedding on the CPU with llama-cpp-python (any GGUF encoder or embedding model)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from npuserve.daemon.backend_api import Backend, BackendError, EmbedOutput, LoadInfo
+from npuserve.daemon.worker_protocol import ModelSpec
+
+from .llama_common import close_llama, file_memory_estimate, open_llama, open_vocab, thread_count
+
+
+class LlamaEmbedBackend(Backend):
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.llm: Any = None
+        self.vocab: Any = None
+        self._tail: list[int] = []
+
+    def load(self) -> LoadInfo:
+        n_ctx = self.spec.n_ctx
+        # n_ubatch must equal n_batch for encoder models: a smaller ubatch makes
+        # llama.cpp abort the whole process on the first long input.
+        self.llm = open_llama(
+            self.spec,
+            embedding=True,
+            n_ctx=n_ctx,
+            n_batch=n_ctx,
+            n_ubatch=n_ctx,
+            n_threads=thread_count(self.spec.threads),
+            n_threads_batch=thread_count(self.spec.threads),
+        )
+        self.vocab = self.llm
+        self._tail = self._trailing_specials()
+        n_ctx = min(n_ctx, self.llm.n_ctx())
+        return LoadInfo(
+            name=self.spec.model_id,
+            tasks=["embed"],
+            dim=int(self.llm.n_embd()),
+            n_ctx=n_ctx,
+            details={"pooling": int(self.llm.pooling_type())},
+        )
+
+    def unload(self) -> None:
+        close_llama(self.llm)
+        self.llm = None
+        self.vocab = None
+
+    def _tokenizer(self) -> Any:
+        if self.vocab is None:
+            self.vocab = open_vocab(self.spec)
+        return self.vocab
+
+    def _trailing_specials(self) -> list[int]:
+        # Tokens the model appends after the text (BERT's [SEP], an EOS for
+        # last-token pooling): truncation must keep them.
+        empty = self._tokenizer().tokenize(b"", add_bos=True, special=False)
+        return empty[-1:] if len(empty) >= 2 else []
+
+    def tokens(self, text: str) -> tuple[list[int], bool]:
+        toks = self._tokenizer().tokenize(text.encode("utf-8"), add_bos=True, special=False)
+        limit = self.spec.n_ctx
+        if len(toks) <= limit:
+            return toks, False
+        return toks[: limit - len(self._tail)] + self._tail, True
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._tokenizer().tokenize(text.encode("utf-8"), add_bos=True, special=False))
+
+    def embed(self, texts: list[str]) -> EmbedOutput:
+        if self.llm is None:
+            raise BackendError("embedding model is not loaded")
+        import llama_cpp
+
+        llm = self.llm
+        dim = int(llm.n_embd())
+        pooled = llm.pooling_type() != llama_cpp.LLAMA_POOLING_TYPE_NONE
+        out = np.empty((len(texts), dim), dtype=np.float32)
+        truncated: list[bool] = []
+        total = 0
+        # One text per decode: packing many sequences into one llama.cpp batch
+        # measured slower than this loop on the CPU.
+        for i, text in enumerate(texts):
+            toks, cut = self.tokens(text)
+            truncated.append(cut)
+            total += len(toks)
+            llm._ctx.kv_cache_clear()
+            llm._batch.reset()
+            llm._batch.add_sequence(toks, 0, True)
+            llm._ctx.decode(llm._batch)
+            if pooled:
+                ptr = llama_cpp.llama_get_embeddings_seq(llm._ctx.ctx, 0)
+                vec = np.ctypeslib.as_array(ptr, shape=(dim,))
+            else:
+                ptr = llama_cpp.llama_get_embeddings(llm._ctx.ctx)
+                vec = np.ctypeslib.as_array(ptr, shape=(len(toks), dim)).mean(axis=0)
+            out[i] = vec
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        out /= np.where(norms == 0, 1.0, norms)
+        return EmbedOutput(vectors=out, truncated=truncated, tokens=total)
+
+    def memory_estimate(self) -> int:
+        return file_memory_estimate(self.spec, per_ctx_token=16 * 1024)

@@ -1,0 +1,1 @@
+"""NPU runtime, detection and backends."""

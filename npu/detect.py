@@ -1,0 +1,100 @@
+"""What NPU the board offers: SoC, device node, driver, runtime library, Python runtime.
+
+Each probe reads files only; nothing here loads the vendor runtime, so the
+report is safe to run anywhere (x86 CI included).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SOCS = ("rk3588s", "rk3588", "rk3576", "rk3568")
+DEVICE_NODES = ("/dev/rknpu", "/dev/dri/renderD129")
+MAINLINE_NODE = "/dev/accel/accel0"
+DRIVER_VERSION_FILES = ("/proc/rknpu/version", "/sys/kernel/debug/rknpu/version")
+RUNTIME_LIBS = ("/usr/lib/librknnrt.so", "/usr/lib/aarch64-linux-gnu/librknnrt.so")
+
+
+@dataclass
+class NpuReport:
+    soc: str | None = None
+    device_node: str | None = None
+    driver_version: str | None = None
+    runtime_lib: str | None = None
+    runtime_version: str | None = None
+    rknnlite_importable: bool = False
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (problem, fix)
+
+    @property
+    def usable(self) -> bool:
+        return not self.problems
+
+    def verdict(self) -> str:
+        if self.usable:
+            return f"NPU available ({self.soc}, driver {self.driver_version or 'unknown'})"
+        return "no usable NPU: models run on the CPU"
+
+
+def _read(path: str | Path, limit: int = 4096) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit).decode("utf-8", "replace")
+    except OSError:
+        return None
+
+
+def _runtime_version(lib: str) -> str | None:
+    """librknnrt prints 'librknnrt version: X' from a string baked into the binary."""
+    try:
+        data = Path(lib).read_bytes()
+    except OSError:
+        return None
+    match = re.search(rb"librknnrt version: ([^\x00\n]+)", data)
+    return match.group(1).decode("ascii", "replace").strip() if match else None
+
+
+def detect(root: str = "/") -> NpuReport:
+    """Probe the machine (or a directory tree standing in for it, for tests)."""
+
+    def p(path: str) -> str:
+        return os.path.join(root, path.lstrip("/"))
+
+    rep = NpuReport()
+    compatible = _read(p("/proc/device-tree/compatible")) or ""
+    rep.soc = next((s for s in SOCS if s in compatible), None)
+    if rep.soc is None:
+        rep.problems.append(("no Rockchip NPU SoC in /proc/device-tree/compatible",
+                             "run on an RK3588/RK3576/RK3568 board; here every model uses the CPU"))
+        return rep
+    rep.device_node = next((n for n in DEVICE_NODES if os.path.exists(p(n))), None)
+    if rep.device_node is None:
+        if os.path.exists(p(MAINLINE_NODE)):
+            rep.problems.append((f"only the mainline 'rocket' driver ({MAINLINE_NODE}) is present",
+                                 "librknnrt needs the vendor rknpu driver: boot a vendor (BSP) kernel"))
+        else:
+            rep.problems.append(("no NPU device node (/dev/rknpu or /dev/dri/renderD129)",
+                                 "enable the rknpu driver in the kernel / device tree"))
+    elif not os.access(p(rep.device_node), os.R_OK | os.W_OK):
+        rep.problems.append((f"no read/write access to {rep.device_node}",
+                             "add the service user to the 'render' and 'video' groups"))
+    for vf in DRIVER_VERSION_FILES:
+        text = _read(p(vf))
+        if text:
+            m = re.search(r"v?(\d+\.\d+\.\d+)", text)
+            rep.driver_version = m.group(1) if m else text.strip()
+            break
+    rep.runtime_lib = next((lib for lib in RUNTIME_LIBS if os.path.exists(p(lib))), None)
+    if rep.runtime_lib is None:
+        rep.problems.append(("librknnrt.so not found in /usr/lib",
+                             "install librknnrt.so from rknn-toolkit2's runtime (rknpu2) into /usr/lib"))
+    else:
+        rep.runtime_version = _runtime_version(p(rep.runtime_lib))
+    rep.rknnlite_importable = importlib.util.find_spec("rknnlite") is not None
+    if not rep.rknnlite_importable:
+        rep.problems.append(("the rknn-toolkit-lite2 Python package is not installed",
+                             "pip install rknn-toolkit-lite2 (aarch64, CPython 3.7-3.12)"))
+    return rep
