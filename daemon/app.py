@@ -32,6 +32,7 @@ class Services:
     scheduler: Scheduler
     metrics: Registry
     limits: Limits
+    max_body: int
     started: float
 
 
@@ -88,8 +89,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except SchedulerError as exc:
         retry = exc.retry_after_header()
         return json_error(exc.status, str(exc), {"Retry-After": retry} if retry else None)
-    except web.HTTPRequestEntityTooLarge as exc:
-        return json_error(413, f"request body too large (limit {exc.max_size} bytes)")
+    except web.HTTPRequestEntityTooLarge:
+        limit = services(request).max_body
+        return json_error(413, f"request body too large (limit {limit} bytes,"
+                          " server.max_body_mb)")
     except web.HTTPMethodNotAllowed as exc:
         allowed = ", ".join(sorted(exc.allowed_methods))
         return json_error(405, f"method {request.method} not allowed on {request.path};"
@@ -145,6 +148,7 @@ def build_app(cfg: Config, scheduler: Scheduler) -> web.Application:
         scheduler=scheduler,
         metrics=Registry(),
         limits=Limits(int(cfg.get("server.max_batch")), int(cfg.get("server.max_text_chars"))),
+        max_body=max_body,
         started=time.time(),
     )
     for module in (routes_qmd, rerank_shapes, routes_openai, routes_ollama, routes_ops):

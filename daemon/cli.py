@@ -18,7 +18,8 @@ log = logging.getLogger("npuserve")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="TOML config file (default /etc/npuserve/config.toml if present)")
+    p.add_argument("--config",
+                   help="TOML config file (default /etc/npuserve/config.toml if present)")
     p.add_argument("--state-dir", help="models, index and calibration (NPUSERVE_STATE_DIR)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set scheduler.keep_alive=0")

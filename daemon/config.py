@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .backend_api import TASKS
-
 SYSTEM_CONFIG = Path("/etc/npuserve/config.toml")
 ENV_PREFIX = "NPUSERVE_"
 # Variables that are not config keys but are still ours.
@@ -75,10 +73,17 @@ _MODEL: dict[str, Key] = {
     "device": Key(str, "auto", "where it runs", ("auto", "npu", "cpu")),
     "n_ctx": Key(int, 0, "context length in tokens (0: task default)", minimum=0),
     "threads": Key(int, 0, "CPU threads (0: one per core)", minimum=0),
-    "template": Key(str, DEFAULT_RERANK_TEMPLATE, "rerank prompt with {instruction} {query} {document}"),
+}
+_RERANK: dict[str, Key] = {
+    "template": Key(
+        str, "", "rerank prompt with {instruction} {query} {document}"
+        " (empty: the model's own from the manifest, else Qwen3-Reranker's)"
+    ),
     "instruction": Key(str, DEFAULT_INSTRUCTION, "rerank instruction"),
     "yes_token": Key(str, "yes", "rerank token whose probability is the score"),
     "no_token": Key(str, "no", "rerank counter token"),
+}
+_EXPAND: dict[str, Key] = {
     "max_tokens": Key(int, 600, "expansion: most generated tokens", minimum=1),
     "max_lines": Key(int, 6, "expansion: most lex/vec/hyde lines (the grammar bound)", minimum=1),
     "max_line_chars": Key(int, 160, "expansion: longest line (the grammar bound)", minimum=8),
@@ -95,7 +100,7 @@ SCHEMA: dict[str, Any] = {
     "log_level": Key(str, "info", "logging level", ("debug", "info", "warning", "error")),
     "server": _SERVER,
     "scheduler": _SCHEDULER,
-    "models": {task: _MODEL for task in TASKS},
+    "models": {"embed": _MODEL, "rerank": _MODEL | _RERANK, "expand": _MODEL | _EXPAND},
 }
 
 
@@ -227,7 +232,8 @@ def load_config(
         if not name.startswith(ENV_PREFIX) or name in ENV_NON_KEYS:
             continue
         key_path = _env_to_path(name)
-        values[key_path] = _coerce(name, FLAT_SCHEMA[key_path], text, from_text=True)
+        values[key_path] = _coerce(f"{name} ({key_path})", FLAT_SCHEMA[key_path], text,
+                                   from_text=True)
     for key_path, value in (overrides or {}).items():
         if key_path not in FLAT_SCHEMA:
             raise ConfigError(f"{key_path}: unknown key")
@@ -265,6 +271,11 @@ def _read_file(path: Path) -> dict[str, Any]:
     return out
 
 
+def _toml_string(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
 def render_example() -> str:
     """A config.toml with every key commented out at its default (for docs and the .deb)."""
     lines = ["# npuserve configuration. Every key is shown at its default.", ""]
@@ -273,7 +284,7 @@ def render_example() -> str:
         section, _, name = key_path.rpartition(".")
         value = key.default
         if isinstance(value, str):
-            value_text = '"' + value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"') + '"'
+            value_text = _toml_string(value)
         elif isinstance(value, bool):
             value_text = str(value).lower()
         else:

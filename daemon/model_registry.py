@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .backend_api import TASKS
-from .config import Config, ConfigError, ModelConfig
+from .config import DEFAULT_RERANK_TEMPLATE, Config, ConfigError, ModelConfig
 from .model_store import default_for_task
 from .worker_protocol import ModelSpec
 
@@ -37,19 +37,19 @@ class ModelPlan:
     device_reason: str = ""
 
 
-def _resolve_path(cfg: Config, mc: ModelConfig) -> tuple[Path, str]:
+def _resolve_path(cfg: Config, mc: ModelConfig) -> tuple[Path, str, dict[str, object]]:
+    """(file, name, the model's own option defaults)."""
     if mc.path:
         path = Path(mc.path)
         if not path.is_absolute():
             path = cfg.models_dir / path
-        return path, mc.name or path.stem
+        return path, mc.name or path.stem, {}
     rec = default_for_task(cfg.models_dir, mc.task)
     if rec is None:
         # Not fatal: /health reports it and `npuserve models prepare` fixes it.
-        return cfg.models_dir / f"<no {mc.task} model: run `npuserve models prepare`>", (
-            mc.name or f"unprepared-{mc.task}"
-        )
-    return cfg.models_dir / rec.file, mc.name or rec.name
+        missing = cfg.models_dir / f"<no {mc.task} model: run `npuserve models prepare`>"
+        return missing, mc.name or f"unprepared-{mc.task}", {}
+    return cfg.models_dir / rec.file, mc.name or rec.name, dict(rec.options)
 
 
 def _choose_device(mc: ModelConfig) -> tuple[str, str]:
@@ -68,7 +68,7 @@ def plan_models(cfg: Config) -> tuple[dict[str, ModelPlan], dict[str, str]]:
     task_model: dict[str, str] = {}
     for task in TASKS:
         mc = cfg.model(task)
-        path, name = _resolve_path(cfg, mc)
+        path, name, model_defaults = _resolve_path(cfg, mc)
         device, reason = _choose_device(mc)
         kind = KINDS[(task, device)]
         key = f"{kind}|{path}|{mc.n_ctx}|{mc.threads}"
@@ -84,7 +84,12 @@ def plan_models(cfg: Config) -> tuple[dict[str, ModelPlan], dict[str, str]]:
             plans[model_id] = plan
         plan.tasks.append(task)
         own = RERANK_OPTIONS if task == "rerank" else EXPAND_OPTIONS if task == "expand" else ()
-        options = dict(plan.spec.options) | {k: mc.options[k] for k in own}
+        mine = {k: mc.options[k] for k in own}
+        # An option left empty in the config takes the model's own default.
+        mine |= {k: v for k, v in model_defaults.items() if k in own and mine.get(k) == ""}
+        if task == "rerank" and not mine["template"]:
+            mine["template"] = DEFAULT_RERANK_TEMPLATE
+        options = dict(plan.spec.options) | mine
         plan.spec = ModelSpec(
             model_id, kind, str(path), mc.n_ctx, mc.threads, tuple(sorted(options.items()))
         )

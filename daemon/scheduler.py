@@ -156,7 +156,8 @@ class Lane:
                     continue  # the client went away
                 if now >= job.deadline:
                     job.future.set_exception(
-                        DeadlineExceeded(f"request waited {now - job.enqueued:.1f}s, past its deadline")
+                        DeadlineExceeded(
+                            f"request waited {now - job.enqueued:.1f}s, past its deadline")
                     )
                     self.sched.metrics["deadline_expired"] += 1
                     continue
@@ -325,9 +326,10 @@ class Lane:
         for job in jobs:
             job.timing.queued = start - job.enqueued - job.timing.load
         request = _merge(jobs)
-        timeout = max(j.deadline for j in jobs) - start
+        self.sched.metrics["backend_calls"] += 1
+        self.sched.metrics["coalesced_requests"] += len(jobs) - 1
         try:
-            reply = await self.worker.call(request, timeout=max(timeout, 1.0))
+            reply = await self.worker.call(request, timeout=self.sched.run_allowance(model, jobs))
         except (WorkerDied, WorkerTimeout) as exc:
             self._worker_lost(str(exc))
             self._retry_or_fail(model, jobs, exc)
@@ -451,6 +453,18 @@ class Scheduler:
         if model.last_load_seconds is None:
             return COLD_LOAD_ALLOWANCE
         return max(30.0, 10.0 * model.last_load_seconds)
+
+    def run_allowance(self, model: ModelState, jobs: list[Job]) -> float:
+        """How long a running call may take before the worker counts as hung.
+
+        Work already running is not abandoned at the request deadline (its
+        result is still useful to the caller); only a call far beyond its
+        measured cost is treated as a hang.
+        """
+        remaining = max(j.deadline for j in jobs) - time.monotonic()
+        items = sum(j.items for j in jobs)
+        measured = 10.0 * (model.sec_per_item or 1.0) * items
+        return max(remaining, 30.0 + measured)
 
     def expected_wait(self, lane: Lane, model: ModelState, items: int) -> float | None:
         """Seconds until a new request of `items` would finish; None while uncalibrated."""

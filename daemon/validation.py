@@ -38,7 +38,8 @@ async def read_json(request: web.Request) -> Any:
     try:
         return json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        where = f"line {exc.lineno} column {exc.colno}"
+        raise InvalidRequest(f"invalid JSON: {exc.msg} at {where}") from None
     except RecursionError:
         raise InvalidRequest("invalid JSON: nested too deeply") from None
 

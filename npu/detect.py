@@ -74,7 +74,8 @@ def detect(root: str = "/") -> NpuReport:
     if rep.device_node is None:
         if os.path.exists(p(MAINLINE_NODE)):
             rep.problems.append((f"only the mainline 'rocket' driver ({MAINLINE_NODE}) is present",
-                                 "librknnrt needs the vendor rknpu driver: boot a vendor (BSP) kernel"))
+                                 "librknnrt needs the vendor rknpu driver:"
+                                 " boot a vendor (BSP) kernel"))
         else:
             rep.problems.append(("no NPU device node (/dev/rknpu or /dev/dri/renderD129)",
                                  "enable the rknpu driver in the kernel / device tree"))
@@ -90,7 +91,8 @@ def detect(root: str = "/") -> NpuReport:
     rep.runtime_lib = next((lib for lib in RUNTIME_LIBS if os.path.exists(p(lib))), None)
     if rep.runtime_lib is None:
         rep.problems.append(("librknnrt.so not found in /usr/lib",
-                             "install librknnrt.so from rknn-toolkit2's runtime (rknpu2) into /usr/lib"))
+                             "install librknnrt.so from rknn-toolkit2's runtime (rknpu2)"
+                             " into /usr/lib"))
     else:
         rep.runtime_version = _runtime_version(p(rep.runtime_lib))
     rep.rknnlite_importable = importlib.util.find_spec("rknnlite") is not None

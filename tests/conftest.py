@@ -1,0 +1,119 @@
+"""Shared fixtures: the real default models, an app on a temporary state dir, a live server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from npuserve.daemon.app import build_app
+from npuserve.daemon.config import Config, load_config
+from npuserve.daemon.model_store import prepare_defaults, read_manifest
+from npuserve.daemon.server import create_scheduler
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _models_dir() -> Path:
+    """The prepared default models (NPUSERVE_TEST_MODELS, else the user's state dir)."""
+    if os.environ.get("NPUSERVE_TEST_MODELS"):
+        return Path(os.environ["NPUSERVE_TEST_MODELS"])
+    cfg = load_config(env={k: v for k, v in os.environ.items() if k == "HOME"
+                           or k == "XDG_DATA_HOME"})
+    return cfg.models_dir
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    d = _models_dir()
+    if len(read_manifest(d)) < 2:
+        prepare_defaults(d, d.parent / "cache" / "wheels", say=lambda m: None)
+    return d
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path, models_dir: Path) -> Path:
+    """A fresh state dir whose models/ is the prepared default set."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "models").symlink_to(models_dir, target_is_directory=True)
+    return state
+
+
+@pytest.fixture
+def make_config(state_dir: Path) -> Callable[..., Config]:
+    def make(**overrides: Any) -> Config:
+        values = {"state_dir": str(state_dir), "scheduler.keep_alive": "-1"}
+        values.update({k.replace("__", "."): v for k, v in overrides.items()})
+        return load_config(path=None, env={}, overrides=values)
+
+    return make
+
+
+@pytest.fixture
+async def make_client(make_config: Callable[..., Config], aiohttp_client: Any
+                      ) -> AsyncIterator[Callable[..., Any]]:
+    async def make(**overrides: Any) -> TestClient:
+        cfg = make_config(**overrides)
+        app = build_app(cfg, create_scheduler(cfg))
+        return await aiohttp_client(app)
+
+    yield make
+
+
+@pytest.fixture
+async def client(make_client: Callable[..., Any]) -> TestClient:
+    return await make_client()
+
+
+@pytest.fixture
+async def live_server(make_config: Callable[..., Config]) -> AsyncIterator[str]:
+    """A real listening server (for third-party clients such as openai)."""
+    cfg = make_config()
+    server = TestServer(build_app(cfg, create_scheduler(cfg)), host="127.0.0.1")
+    await server.start_server()
+    yield f"http://127.0.0.1:{server.port}"
+    await server.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_daemon(state_dir: Path, *args: str, env: dict[str, str] | None = None
+                 ) -> tuple[subprocess.Popen[str], int]:
+    port = free_port()
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("NPUSERVE_")}
+    full_env.update(env or {})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "npuserve.daemon.cli", "serve", "--state-dir", str(state_dir),
+         "--port", str(port), *args],
+        env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    return proc, port
+
+
+def wait_http(url: str, timeout: float = 30.0) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(url)
