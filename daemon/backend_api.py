@@ -51,6 +51,10 @@ class BackendError(RuntimeError):
     """A failure inside a backend that the request may be told about."""
 
 
+class ModelLoadError(BackendError):
+    """The model file is missing or unreadable: the model is unavailable, not buggy."""
+
+
 class Backend(abc.ABC):
     """Loads one model file and runs the tasks it supports."""
 

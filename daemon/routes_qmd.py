@@ -33,6 +33,15 @@ MSG_RERANK = "query must be a non-empty string and documents must be a non-empty
 MSG_QUERY = "query must be a non-empty string"
 
 
+def _embed_options(body: dict[str, Any], limits: Limits) -> None:
+    """QMD sends options the server does not need (it embeds text as received);
+    they are still type-checked so a malformed client hears about it."""
+    options = optional_object(body, "options")
+    optional_str(options, "model", limits, "options.model")
+    optional_str(options, "title", limits, "options.title")
+    optional_bool(options, "isQuery", False, "options.isQuery")
+
+
 def _vector(row: Any) -> list[float]:
     return [float(x) for x in row]
 
@@ -42,7 +51,7 @@ async def embed(request: web.Request) -> web.Response:
     svc = services(request)
     body = await read_object(request)
     text = text_field(body, "text", svc.limits, MSG_TEXT)
-    optional_object(body, "options")
+    _embed_options(body, svc.limits)
     vectors, truncated, _, timing = await svc.scheduler.embed([text])
     return web.json_response(
         {"embedding": _vector(vectors[0]), "model": svc.scheduler.model_name("embed"),
@@ -56,7 +65,7 @@ async def embed_batch(request: web.Request) -> web.Response:
     svc = services(request)
     body = await read_object(request)
     texts = string_list(body, "texts", svc.limits, MSG_TEXTS, allow_empty_items=True)
-    optional_object(body, "options")
+    _embed_options(body, svc.limits)
     # Empty strings have nothing to embed: they answer null in their slot.
     wanted = [i for i, t in enumerate(texts) if t]
     out: list[dict[str, Any] | None] = [None] * len(texts)
@@ -122,9 +131,9 @@ async def expand(request: web.Request) -> web.Response:
     body = await read_object(request)
     query = text_field(body, "query", svc.limits, MSG_QUERY)
     options = optional_object(body, "options")
-    intent = optional_str(options, "intent", svc.limits)
-    context = optional_str(options, "context", svc.limits)
-    include_lexical = optional_bool(options, "includeLexical", True)
+    intent = optional_str(options, "intent", svc.limits, "options.intent")
+    context = optional_str(options, "context", svc.limits, "options.context")
+    include_lexical = optional_bool(options, "includeLexical", True, "options.includeLexical")
     if context:
         intent = f"{intent}\n{context}" if intent else context
     lines, timing = await svc.scheduler.expand(query, intent, include_lexical)

@@ -387,7 +387,8 @@ def _settle(job: Job, reply: wp.Reply) -> None:
     if job.future.done():
         return
     if isinstance(reply, wp.Failure):
-        cls = BadRequest if reply.kind == "bad_request" else BackendFailed
+        cls = {"bad_request": BadRequest, "unavailable": ModelUnavailable}.get(
+            reply.kind, BackendFailed)
         job.future.set_exception(cls(reply.error))
     else:
         job.future.set_result(reply)

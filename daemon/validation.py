@@ -99,22 +99,24 @@ def optional_object(body: dict[str, Any], name: str) -> dict[str, Any]:
     return value
 
 
-def optional_bool(body: dict[str, Any], name: str, default: bool) -> bool:
+def optional_bool(body: dict[str, Any], name: str, default: bool,
+                  label: str | None = None) -> bool:
     value = body.get(name, default)
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise InvalidRequest(f"{name} must be true or false")
+        raise InvalidRequest(f"{label or name} must be true or false")
     return value
 
 
-def optional_str(body: dict[str, Any], name: str, limits: Limits) -> str | None:
+def optional_str(body: dict[str, Any], name: str, limits: Limits,
+                 label: str | None = None) -> str | None:
     value = body.get(name)
     if value is None:
         return None
     if not isinstance(value, str):
-        raise InvalidRequest(f"{name} must be a string")
-    check_length(name, value, limits)
+        raise InvalidRequest(f"{label or name} must be a string")
+    check_length(label or name, value, limits)
     return value
 
 

@@ -14,7 +14,7 @@ import time
 from multiprocessing.connection import Connection
 
 from . import worker_protocol as wp
-from .backend_api import Backend, BackendError
+from .backend_api import Backend, BackendError, ModelLoadError
 
 log = logging.getLogger("npuserve.worker")
 
@@ -52,6 +52,8 @@ class Worker:
     def handle(self, req: wp.Request) -> wp.Reply:
         try:
             return self._dispatch(req)
+        except ModelLoadError as exc:
+            return wp.Failure(str(exc), kind="unavailable")
         except BackendError as exc:
             return wp.Failure(str(exc))
         except (ValueError, TypeError) as exc:

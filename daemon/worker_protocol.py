@@ -150,7 +150,7 @@ class Failure:
     """A request failed inside the worker; the worker itself is still healthy."""
 
     error: str
-    kind: str = "backend"  # backend | bad_request | not_loaded
+    kind: str = "backend"  # backend | bad_request | not_loaded | unavailable
 
 
 Reply = Loaded | Unloaded | Vectors | Scores | Lines | TokenCounts | WorkerStats | Failure

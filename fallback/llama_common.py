@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from npuserve.daemon.backend_api import BackendError
+from npuserve.daemon.backend_api import ModelLoadError
 from npuserve.daemon.worker_protocol import ModelSpec
 
 
@@ -30,11 +30,11 @@ def open_llama(spec: ModelSpec, **kwargs: Any) -> Any:
 
     path = Path(spec.path)
     if not path.is_file():
-        raise BackendError(f"model file {path} does not exist")
+        raise ModelLoadError(f"model file {path} does not exist")
     try:
         return Llama(model_path=str(path), verbose=False, **kwargs)
     except (ValueError, RuntimeError) as exc:  # llama-cpp-python's "Failed to load model"
-        raise BackendError(f"cannot load {path.name}: {exc}") from exc
+        raise ModelLoadError(f"cannot load {path.name}: {exc}") from exc
 
 
 def open_vocab(spec: ModelSpec) -> Any:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from npuserve.daemon.app import SERVICES
+
 
 async def _error(resp, status: int) -> str:
     assert resp.status == status, await resp.text()
@@ -49,6 +51,9 @@ async def test_body_over_limit_is_json_413(make_client):
     ("/embed", {}, "text must be a non-empty string"),
     ("/embed", ["text"], "JSON object"),
     ("/embed", {"text": "x", "options": "nope"}, "options must be an object"),
+    ("/embed", {"text": "x", "options": {"isQuery": "yes"}}, "options.isQuery"),
+    ("/embed", {"text": "x", "options": {"model": 1}}, "options.model must be a string"),
+    ("/embed-batch", {"texts": ["x"], "options": {"title": []}}, "options.title"),
     ("/embed-batch", {"texts": []}, "texts must be a non-empty array of strings"),
     ("/embed-batch", {"texts": "abc"}, "texts must be a non-empty array of strings"),
     ("/embed-batch", {"texts": ["a", 3]}, "texts must be a non-empty array of strings"),
@@ -60,7 +65,7 @@ async def test_body_over_limit_is_json_413(make_client):
     ("/rerank", {"query": "q", "documents": [{"file": 2, "text": "x"}]}, "documents[0].file"),
     ("/expand", {"query": ""}, "query must be a non-empty string"),
     ("/expand", {"query": "q", "options": {"includeLexical": "yes"}}, "includeLexical"),
-    ("/expand", {"query": "q", "options": {"intent": 4}}, "intent must be a string"),
+    ("/expand", {"query": "q", "options": {"intent": 4}}, "options.intent must be a string"),
     ("/tokenize", {"text": None}, "text must be a non-empty string"),
     ("/v1/embeddings", {"input": []}, "input must be"),
     ("/v1/embeddings", {"input": [[1, 2, 3]]}, "token arrays are not supported"),
@@ -126,3 +131,28 @@ async def test_rerank_query_too_long_for_context_is_400(make_client):
     resp = await client.post("/rerank", json={"query": "word " * 200,
                                               "documents": [{"file": "a", "text": "b"}]})
     assert "too long" in await _error(resp, 400)
+
+
+async def test_corrupt_model_file_makes_health_503_with_reason(make_client, tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    client = await make_client(models__embed__path=str(bad))
+    resp = await client.post("/embed", json={"text": "x"})
+    msg = await _error(resp, 503)
+    assert "cannot load" in msg and "broken" in msg
+    assert int(resp.headers["Retry-After"]) >= 1
+    # Within the back-off the load is not retried on every request.
+    sched = client.app[SERVICES].scheduler
+    failures = sched.metrics["load_failures"]
+    again = await client.post("/embed", json={"text": "y"})
+    assert again.status == 503 and sched.metrics["load_failures"] == failures
+    health = await client.get("/health")
+    body = await health.json()
+    assert health.status == 503 and body["ok"] is False and "load failed" in body["error"]
+    # Counting tokens needs the broken file's tokenizer: unavailable, said clearly.
+    tok = await client.post("/tokenize", json={"text": "x"})
+    assert "cannot load" in await _error(tok, 503)
+    # Other tasks still work.
+    rr = await client.post("/rerank", json={"query": "q", "documents": [{"file": "a",
+                                                                         "text": "b"}]})
+    assert rr.status == 200
