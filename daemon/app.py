@@ -136,7 +136,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 
 def build_app(cfg: Config, scheduler: Scheduler) -> web.Application:
-    from . import rerank_shapes, routes_ollama, routes_openai, routes_ops, routes_qmd
+    from . import rerank_shapes, routes_admin, routes_ollama, routes_openai, routes_ops, routes_qmd
 
     max_body = int(cfg.get("server.max_body_mb") * 1024 * 1024)
     app = web.Application(
@@ -151,7 +151,8 @@ def build_app(cfg: Config, scheduler: Scheduler) -> web.Application:
         max_body=max_body,
         started=time.time(),
     )
-    for module in (routes_qmd, rerank_shapes, routes_openai, routes_ollama, routes_ops):
+    for module in (routes_qmd, rerank_shapes, routes_openai, routes_ollama, routes_ops,
+                   routes_admin):
         app.add_routes(module.routes)
 
     async def on_startup(app: web.Application) -> None:

@@ -64,7 +64,15 @@ _SCHEDULER: dict[str, Key] = {
     ),
     "coalesce_texts": Key(int, 64, "most texts merged into one embedding call", minimum=1),
     "max_queue": Key(int, 4096, "most queued items before 503", minimum=1),
-    "request_timeout": Key(float, 300.0, "seconds a request may wait and run", minimum=0.1),
+    "request_timeout": Key(
+        float, 300.0, "the longest any request may take (QMD's client gives up at 300 s)",
+        minimum=0.1),
+    "deadline_multiplier": Key(
+        float, 4.0, "a request's deadline: this many times its calibrated wait", minimum=1.0),
+    "deadline_floor": Key(float, 10.0, "shortest deadline in seconds", minimum=0.1),
+    "switching": Key(
+        str, "aging", "model switching: aging (serve the resident queue, switch on the aging"
+        " bound) or fifo (oldest request first; for comparison only)", ("aging", "fifo")),
     "memory_reserve_mb": Key(float, 512.0, "RAM kept free by the auto policy", minimum=0),
 }
 _MODEL: dict[str, Key] = {

@@ -79,7 +79,7 @@ async def metrics(request: web.Request) -> web.Response:
                        m.load_seconds_total))
     for m, lb in per_model:
         gauges.append(("npuserve_model_seconds_per_item", "measured cost per item", lb,
-                       m.sec_per_item or 0.0))
+                       m.costs.sec_per_item or 0.0))
     for lane in sched.lanes.values():
         gauges.append(("npuserve_worker_restarts", "worker processes lost and restarted",
                        (("device", lane.device),), lane.crashes))

@@ -20,11 +20,13 @@ from typing import Any
 import numpy as np
 
 from . import worker_protocol as wp
+from .calibration import CalibrationStore, ModelCosts
 from .config import Config
 from .model_registry import ModelPlan
 from .scheduler_errors import (
     BackendFailed,
     BadRequest,
+    Busy,
     DeadlineExceeded,
     ModelUnavailable,
     Overloaded,
@@ -59,6 +61,7 @@ class Job:
     future: asyncio.Future[Any]
     timing: Timing = field(default_factory=Timing)
     attempts: int = 0
+    not_before: float = 0.0
 
 
 @dataclass
@@ -66,11 +69,10 @@ class ModelState:
     plan: ModelPlan
     state: str = "unloaded"  # unloaded | loading | ready | failed
     queue: collections.deque[Job] = field(default_factory=collections.deque)
+    costs: ModelCosts = field(default_factory=ModelCosts)
     loads: int = 0
     unloads: int = 0
     load_seconds_total: float = 0.0
-    last_load_seconds: float | None = None
-    sec_per_item: float | None = None  # EWMA of measured cost
     last_used: float = 0.0
     error: str | None = None
     retry_at: float = 0.0
@@ -99,6 +101,8 @@ class Lane:
         self.models: dict[str, ModelState] = {}
         self.resident: list[str] = []  # least recently used first
         self.light: collections.deque[Job] = collections.deque()
+        self.control: collections.deque[tuple[str, ModelState, asyncio.Future[str]]] = (
+            collections.deque())
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.baseline_rss: int | None = None
@@ -114,12 +118,15 @@ class Lane:
             return None
         oldest = max(waiting, key=lambda m: m.head_age(now))
         current = [m for m in waiting if m.model_id in self.resident]
-        if not current:
+        if not current or self.sched.switching == "fifo":
             return oldest
         serving = max(current, key=lambda m: m.head_age(now))
-        aging = self.sched.aging_s
-        if oldest is not serving and oldest.head_age(now) > aging:
-            return oldest  # the aging bound: no queue starves behind a busy model
+        # The aging bound: a queue whose head has waited too long takes the
+        # device next, however busy the resident model is, so nothing starves.
+        starved = [m for m in waiting if m is not serving
+                   and m.head_age(now) > self.sched.aging_s]
+        if starved:
+            return max(starved, key=lambda m: m.head_age(now))
         return serving
 
     # --- loop ---------------------------------------------------------------
@@ -127,6 +134,7 @@ class Lane:
     async def run(self) -> None:
         while True:
             self.wake.clear()
+            await self._serve_control()
             await self._serve_light()
             now = time.monotonic()
             self._drop_dead(now)
@@ -145,7 +153,7 @@ class Lane:
             await self._run_batch(model)
 
     def _busy(self) -> bool:
-        return bool(self.light) or any(m.queue for m in self.models.values())
+        return bool(self.light or self.control) or any(m.queue for m in self.models.values())
 
     def _drop_dead(self, now: float) -> None:
         """Expired requests get 504 and never run; cancelled ones are dropped."""
@@ -153,6 +161,7 @@ class Lane:
             kept = collections.deque()
             for job in m.queue:
                 if job.future.done():
+                    self.sched.metrics["dropped_disconnected"] += 1
                     continue  # the client went away
                 if now >= job.deadline:
                     job.future.set_exception(
@@ -163,6 +172,25 @@ class Lane:
                     continue
                 kept.append(job)
             m.queue = kept
+
+    async def _serve_control(self) -> None:
+        """Admin preload/unload, run between batches so they never cut into one."""
+        while self.control:
+            action, model, future = self.control.popleft()
+            if future.done():
+                continue
+            try:
+                if action == "load":
+                    ok = await self._ensure_loaded(model)
+                    if not ok:
+                        raise ModelUnavailable(model.error or "load failed")
+                elif model.queue:
+                    raise Busy(f"{model.plan.name} has {len(model.queue)} queued requests")
+                else:
+                    await self._unload(model)
+                future.set_result(model.state)
+            except SchedulerError as exc:
+                future.set_exception(exc)
 
     async def _serve_light(self) -> None:
         while self.light:
@@ -208,7 +236,7 @@ class Lane:
         model.state, model.error, model.failures = "ready", None, 0
         model.loads += 1
         model.load_seconds_total += reply.seconds
-        model.last_load_seconds = reply.seconds
+        model.costs.observe_load(reply.seconds)
         model.dim = reply.dim
         model.rss = max(0, reply.rss_after - reply.rss_before)
         self.resident.append(model.model_id)
@@ -217,7 +245,28 @@ class Lane:
         for job in model.queue:
             job.timing.load += reply.seconds
         log.info("loaded %s on %s in %.2fs", model.plan.name, self.device, reply.seconds)
+        if model.costs.sec_per_item is None:
+            await self._warm_up(model)
+        self.sched.calibration.save()
         return True
+
+    async def _warm_up(self, model: ModelState) -> None:
+        """First load ever: time one small call so admission has a figure at once."""
+        spec = model.plan.spec
+        if "embed" in model.plan.tasks:
+            req: wp.Request = wp.Embed(spec.model_id, ("warm-up " * 16,))
+        elif "rerank" in model.plan.tasks:
+            req = wp.Rerank(spec.model_id, "warm-up", ("warm-up " * 16,), "")
+        else:
+            return
+        start = time.monotonic()
+        try:
+            reply = await self.worker.call(req, timeout=self.sched.load_allowance(model))
+        except (WorkerDied, WorkerTimeout) as exc:
+            self._worker_lost(str(exc))
+            return
+        if not isinstance(reply, wp.Failure):
+            model.costs.observe_call(1, time.monotonic() - start)
 
     def _victims_for(self, model: ModelState) -> list[str]:
         """Resident models to unload before `model` loads, per memory policy."""
@@ -322,6 +371,9 @@ class Lane:
 
     async def _run_batch(self, model: ModelState) -> None:
         jobs = self._take(model)
+        delay = jobs[0].not_before - time.monotonic()
+        if delay > 0:  # a retry backs off without blocking the event loop
+            await asyncio.sleep(min(delay, 1.0))
         start = time.monotonic()
         for job in jobs:
             job.timing.queued = start - job.enqueued - job.timing.load
@@ -336,6 +388,9 @@ class Lane:
             return
         elapsed = time.monotonic() - start
         model.last_used = time.monotonic()
+        if isinstance(reply, wp.Failure) and reply.kind == "backend":
+            self._retry_or_fail(model, jobs, RuntimeError(reply.error), reply.error)
+            return
         self.sched.observe(model, sum(j.items for j in jobs), elapsed)
         for job in jobs:
             job.timing.inference = elapsed
@@ -345,14 +400,23 @@ class Lane:
             for job in jobs:
                 _settle(job, reply)
 
-    def _retry_or_fail(self, model: ModelState, jobs: list[Job], exc: Exception) -> None:
-        # One retry on a fresh worker; a request that kills the worker twice fails.
+    def _retry_or_fail(self, model: ModelState, jobs: list[Job], exc: Exception,
+                       backend_error: str | None = None) -> None:
+        """One retry (on a fresh worker after a crash) while the deadline allows;
+        a request that fails twice gets a clear error."""
+        now = time.monotonic()
+        expected = model.costs.service_seconds(1) or 0.0
         for job in reversed(jobs):
             job.attempts += 1
             if job.future.done():
                 continue
-            if job.attempts < 2:
+            if job.attempts < 2 and now + expected < job.deadline:
+                job.not_before = now + 0.05 * 2 ** job.attempts  # back off a little
                 model.queue.appendleft(job)
+                self.sched.metrics["retries"] += 1
+            elif backend_error is not None:
+                job.future.set_exception(BackendFailed(
+                    f"backend failed twice on this request: {backend_error}"))
             else:
                 job.future.set_exception(BackendFailed(
                     f"model worker crashed twice on this request ({exc}); it was restarted"))
@@ -410,12 +474,18 @@ class Scheduler:
         self.max_queue = int(cfg.get("scheduler.max_queue"))
         self.request_timeout = float(cfg.get("scheduler.request_timeout"))
         self.reserve_bytes = int(float(cfg.get("scheduler.memory_reserve_mb")) * 1024 * 1024)
+        self.deadline_multiplier = float(cfg.get("scheduler.deadline_multiplier"))
+        self.deadline_floor = float(cfg.get("scheduler.deadline_floor"))
+        self.switching = cfg.get("scheduler.switching")
+        self.calibration = CalibrationStore(cfg.state_dir / "calibration.json")
+        self._calls_since_save = 0
         self.stopping = False
         self.metrics: collections.Counter[str] = collections.Counter()
         self.lanes: dict[str, Lane] = {}
         for plan in plans.values():
             lane = self.lanes.setdefault(plan.device, Lane(plan.device, self))
-            lane.models[plan.spec.model_id] = ModelState(plan)
+            costs = self.calibration.costs(plan.spec.model_id)
+            lane.models[plan.spec.model_id] = ModelState(plan, costs=costs)
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -438,6 +508,7 @@ class Scheduler:
                     lane._fail_queue(m, ShuttingDown("server is shutting down"))
         for lane in self.lanes.values():
             await lane.worker.stop()
+        self.calibration.save()
 
     # --- estimates --------------------------------------------------------------
 
@@ -446,14 +517,17 @@ class Scheduler:
         return self.lanes[self.plans[mid].device].models[mid]
 
     def observe(self, model: ModelState, items: int, seconds: float) -> None:
-        per = seconds / max(1, items)
-        model.sec_per_item = per if model.sec_per_item is None else (
-            0.8 * model.sec_per_item + 0.2 * per)
+        model.costs.observe_call(items, seconds)
+        self._calls_since_save += 1
+        if self._calls_since_save >= 100:
+            self.calibration.save()
+            self._calls_since_save = 0
 
     def load_allowance(self, model: ModelState) -> float:
-        if model.last_load_seconds is None:
+        """How long a load may take: generous while unmeasured, else 5x the worst seen."""
+        if model.costs.load_seconds is None:
             return COLD_LOAD_ALLOWANCE
-        return max(30.0, 10.0 * model.last_load_seconds)
+        return max(30.0, 5.0 * model.costs.load_seconds_max)
 
     def run_allowance(self, model: ModelState, jobs: list[Job]) -> float:
         """How long a running call may take before the worker counts as hung.
@@ -464,25 +538,50 @@ class Scheduler:
         """
         remaining = max(j.deadline for j in jobs) - time.monotonic()
         items = sum(j.items for j in jobs)
-        measured = 10.0 * (model.sec_per_item or 1.0) * items
+        measured = 10.0 * (model.costs.service_seconds(items) or float(items))
         return max(remaining, 30.0 + measured)
+
+    def _swap_seconds(self, model: ModelState) -> float:
+        """Cost of making `model` resident: its load (cold loads get the allowance)."""
+        if model.costs.load_seconds is None:
+            return 0.0
+        return model.costs.load_seconds
 
     def expected_wait(self, lane: Lane, model: ModelState, items: int) -> float | None:
         """Seconds until a new request of `items` would finish; None while uncalibrated."""
         total = 0.0
         for m in lane.models.values():
             if m.queue:
-                if m.sec_per_item is None:
+                queued = m.costs.service_seconds(m.queued_items())
+                if queued is None:
                     return None
-                total += m.sec_per_item * m.queued_items()
+                total += queued
                 if m.model_id not in lane.resident and m is not model:
-                    total += m.last_load_seconds or 0.0
-        if model.sec_per_item is None:
+                    total += self._swap_seconds(m)
+        own = model.costs.service_seconds(items)
+        if own is None:
             return None
-        total += model.sec_per_item * items
+        total += own
         if model.model_id not in lane.resident:
-            total += model.last_load_seconds or 0.0
+            total += self._swap_seconds(model)
         return total
+
+    def deadline_for(self, expected: float | None, cold: bool) -> float:
+        """Seconds this request may take: a multiple of its calibrated wait, within
+        [deadline_floor, request_timeout]; uncalibrated or cold, the full timeout."""
+        if expected is None or cold:
+            return self.request_timeout
+        return min(self.request_timeout,
+                   max(self.deadline_floor, self.deadline_multiplier * expected))
+
+    def recommended_timeout(self) -> float:
+        """What a client should wait: the worst cold start plus a full queue of work."""
+        worst = 0.0
+        for m in self.all_models():
+            load = m.costs.load_seconds_max or 0.0
+            per = m.costs.service_seconds(self.coalesce_texts) or 0.0
+            worst = max(worst, load + per)
+        return min(self.request_timeout, max(self.deadline_floor, self.deadline_multiplier * worst))
 
     def estimate_bytes(self, model: ModelState) -> int:
         if model.rss:
@@ -514,9 +613,10 @@ class Scheduler:
             self.metrics["rejected_overload"] += 1
             raise Overloaded(
                 f"expected completion in {expected:.0f}s exceeds the {self.request_timeout:.0f}s"
-                " deadline", retry_after=expected - self.request_timeout)
-        job = Job(request, items, now, now + self.request_timeout,
-                  asyncio.get_running_loop().create_future())
+                " limit", retry_after=expected - self.request_timeout)
+        cold = model.costs.load_seconds is None and model.model_id not in lane.resident
+        deadline = now + self.deadline_for(expected, cold)
+        job = Job(request, items, now, deadline, asyncio.get_running_loop().create_future())
         model.queue.append(job)
         lane.wake.set()
         try:
@@ -538,6 +638,25 @@ class Scheduler:
         reply = await job.future
         assert isinstance(reply, wp.TokenCounts)
         return list(reply.counts)
+
+    async def control(self, action: str, model: ModelState) -> str:
+        """Preload ("load") or unload a model; returns its state afterwards."""
+        if self.stopping:
+            raise ShuttingDown("server is shutting down", retry_after=5)
+        lane = self.lane_of(model)
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        lane.control.append((action, model, future))
+        lane.wake.set()
+        return await future
+
+    def find_model(self, name: str) -> ModelState | None:
+        """By task (embed/rerank/expand), model name or model id."""
+        if name in self.task_model:
+            return self.model_state(name)
+        for m in self.all_models():
+            if name in (m.plan.name, m.model_id):
+                return m
+        return None
 
     # --- convenience for routes -------------------------------------------------
 

@@ -50,3 +50,9 @@ class BackendFailed(SchedulerError):
     """The backend failed, or its worker crashed twice on this request."""
 
     status = 500
+
+
+class Busy(SchedulerError):
+    """The model has queued work; it cannot be unloaded now."""
+
+    status = 409

@@ -64,7 +64,8 @@ async def make_client(make_config: Callable[..., Config], aiohttp_client: Any
     async def make(**overrides: Any) -> TestClient:
         cfg = make_config(**overrides)
         app = build_app(cfg, create_scheduler(cfg))
-        return await aiohttp_client(app)
+        # As in production: a disconnecting client cancels its handler.
+        return await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
 
     yield make
 

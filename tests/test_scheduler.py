@@ -1,0 +1,211 @@
+"""The scheduler under real concurrency with the real default models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+
+import aiohttp
+import pytest
+
+from npuserve.daemon.app import SERVICES
+
+PASSAGE = "apt resolves dependencies, downloads archives and unpacks them in order. " * 3
+DOCS = [{"file": f"{i}.md", "text": f"document {i} about cats and naps"} for i in range(4)]
+
+
+def _sched(client):
+    return client.app[SERVICES].scheduler
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def _flood_then_rerank(client) -> tuple[int, int]:
+    """300 one-text embeds, a rerank 0.2 s in: how many embeds finished before the rerank,
+    and how many after."""
+    order: list[str] = []
+
+    async def embed(i: int) -> None:
+        resp = await client.post("/embed", json={"text": f"{i} {PASSAGE}"})
+        assert resp.status == 200
+        order.append("embed")
+
+    async def rerank() -> None:
+        await asyncio.sleep(0.2)
+        # Its own session: the flood holds all of the test client's connections.
+        async with aiohttp.ClientSession() as other:
+            resp = await other.post(client.make_url("/rerank"),
+                                    json={"query": "cats", "documents": DOCS})
+            assert resp.status == 200
+        order.append("rerank")
+
+    await client.post("/embed", json={"text": "warm"})
+    await asyncio.gather(rerank(), *[embed(i) for i in range(300)])
+    pos = order.index("rerank")
+    return pos, len(order) - pos - 1
+
+
+async def test_aging_bound_prevents_starvation(make_client):
+    client = await make_client(scheduler__aging_ms="300", scheduler__coalesce_texts="32")
+    before, after = await _flood_then_rerank(client)
+    # The rerank was served while the flood still had most of its work queued.
+    assert after > 150, (before, after)
+    assert _sched(client).metrics["loads"] >= 3  # embed -> rerank -> embed again
+
+
+async def test_without_aging_the_flood_runs_first(make_client):
+    """The control case: an aging bound beyond the flood lets one model hog the device."""
+    client = await make_client(scheduler__aging_ms="1000000", scheduler__coalesce_texts="32")
+    before, after = await _flood_then_rerank(client)
+    assert after < 40, (before, after)
+
+
+async def test_overload_is_503_with_retry_after_from_calibration(make_client):
+    client = await make_client(scheduler__request_timeout="2")
+    sched = _sched(client)
+    # Calibrate: the first load measures a warm-up call, real calls refine it.
+    for _ in range(3):
+        assert (await client.post("/embed-batch", json={"texts": [PASSAGE] * 16})).status == 200
+    calls = sched.metrics["backend_calls"]
+    resp = await client.post("/embed-batch", json={"texts": [PASSAGE] * 512})
+    assert resp.status == 503
+    body = await resp.json()
+    assert "exceeds" in body["error"]
+    per_item = sched.model_state("embed").costs.sec_per_item
+    expected = per_item * 512
+    retry_after = int(resp.headers["Retry-After"])
+    assert 1 <= retry_after <= expected + 1, (retry_after, expected)
+    assert sched.metrics["backend_calls"] == calls, "refused work never reached the backend"
+
+
+async def test_full_queue_is_503(make_client):
+    client = await make_client(scheduler__max_queue="8")
+    resp = await client.post("/embed-batch", json={"texts": ["x"] * 9})
+    assert resp.status == 503 and "queue full" in (await resp.json())["error"]
+    assert "Retry-After" in resp.headers
+
+
+async def test_calibration_persists_across_restarts(make_client, state_dir):
+    first = await make_client()
+    assert (await first.post("/embed-batch", json={"texts": [PASSAGE] * 8})).status == 200
+    await first.close()  # runs the scheduler's stop(), which saves
+    data = json.loads((state_dir / "calibration.json").read_text())
+    mid = _sched(first).task_model["embed"]
+    assert data["models"][mid]["load_seconds"] > 0
+    assert data["models"][mid]["sec_per_item"] > 0
+    # A new daemon knows the costs before loading anything: it can refuse at once.
+    second = await make_client(scheduler__request_timeout="1")
+    resp = await second.post("/embed-batch", json={"texts": [PASSAGE] * 512})
+    assert resp.status == 503
+    assert _sched(second).model_state("embed").loads == 0
+
+
+async def test_disconnected_client_work_is_dropped(client):
+    sched = _sched(client)
+    busy = asyncio.create_task(client.post("/embed-batch", json={"texts": [PASSAGE] * 64}))
+    await asyncio.sleep(0.3)
+    with pytest.raises(asyncio.TimeoutError):
+        await client.post("/rerank", json={"query": "q", "documents": DOCS},
+                          timeout=aiohttp.ClientTimeout(total=0.2))
+    assert (await busy).status == 200
+    for _ in range(200):
+        if sched.metrics["dropped_disconnected"]:
+            break
+        await asyncio.sleep(0.05)
+    assert sched.metrics["dropped_disconnected"] == 1
+    assert sched.model_state("rerank").loads == 0, "nobody was waiting: no load, no compute"
+
+
+async def test_keep_alive_unloads_idle_model(make_client):
+    client = await make_client(scheduler__keep_alive="0.5")
+    sched = _sched(client)
+    lane = sched.lanes["cpu"]
+    await client.post("/embed", json={"text": "x"})
+    assert lane.resident
+    for _ in range(100):
+        if not lane.resident:
+            break
+        await asyncio.sleep(0.05)
+    assert not lane.resident and sched.model_state("embed").unloads == 1
+
+
+async def _peak_worker_rss(client, rounds: int = 3) -> int:
+    lane = _sched(client).lanes["cpu"]
+    peak = 0
+    done = False
+
+    async def sample() -> None:
+        nonlocal peak
+        while not done:
+            if lane.worker.pid:
+                try:
+                    peak = max(peak, _rss(lane.worker.pid))
+                except OSError:
+                    pass
+            await asyncio.sleep(0.005)
+
+    sampler = asyncio.create_task(sample())
+    for _ in range(rounds):
+        await asyncio.gather(
+            client.post("/embed-batch", json={"texts": [PASSAGE] * 8}),
+            client.post("/rerank", json={"query": "cats", "documents": DOCS}))
+    done = True
+    await sampler
+    return peak
+
+
+async def test_sequential_holds_one_model_resident_state_and_rss(make_client):
+    seq = await make_client(scheduler__policy="sequential")
+    res = await make_client(scheduler__policy="resident")
+    seq_peak = await _peak_worker_rss(seq)
+    res_peak = await _peak_worker_rss(res)
+    assert len(_sched(res).lanes["cpu"].resident) == 2
+    assert len(_sched(seq).lanes["cpu"].resident) <= 1
+    # The embedding model's weights (46 MB) are never resident beside SmolLM2.
+    assert seq_peak < res_peak - 30 * 1024 * 1024, (seq_peak >> 20, res_peak >> 20)
+
+
+async def test_admin_preload_unload_and_listing(client):
+    resp = await client.post("/admin/models/rerank/load")
+    assert resp.status == 200 and (await resp.json())["state"] == "ready"
+    ps = await (await client.get("/api/ps")).json()
+    assert [m["name"] for m in ps["models"]] == ["smollm2-135m-instruct"]
+    listing = await (await client.get("/admin/models")).json()
+    resident = {m["name"]: m["resident"] for m in listing["models"]}
+    assert resident == {"all-minilm-l6-v2": False, "smollm2-135m-instruct": True}
+    resp = await client.post("/admin/models/smollm2-135m-instruct/unload")
+    assert (await resp.json())["state"] == "unloaded"
+    assert (await (await client.get("/api/ps")).json())["models"] == []
+    missing = await client.post("/admin/models/nope/load")
+    assert missing.status == 404 and "nope" in (await missing.json())["error"]
+    status = await (await client.get("/status")).json()
+    assert status["runtime"]["policy"] == "sequential"
+    assert status["runtime"]["recommended_client_timeout"] > 0
+
+
+async def test_admin_needs_key_when_set(make_client):
+    client = await make_client(server__api_key="k")
+    assert (await client.post("/admin/models/embed/load")).status == 401
+    ok = await client.post("/admin/models/embed/load", headers={"Authorization": "Bearer k"})
+    assert ok.status == 200
+
+
+async def test_concurrent_pipelines_share_model_loads(client):
+    """Six QMD-style queries at once (expand -> embed -> rerank) move stage by stage,
+    so each model is loaded a few times, not once per query and stage."""
+    sched = _sched(client)
+
+    async def query(i: int) -> None:
+        exp = await client.post("/expand", json={"query": f"cats nap {i}"})
+        lines = await exp.json()
+        texts = [f"query: {line['text']}" for line in lines][:3]
+        assert (await client.post("/embed-batch", json={"texts": texts})).status == 200
+        rr = await client.post("/rerank", json={"query": f"cats nap {i}", "documents": DOCS})
+        assert rr.status == 200
+
+    await asyncio.gather(*[query(i) for i in range(6)])
+    assert sched.metrics["loads"] <= 6, sched.metrics["loads"]
