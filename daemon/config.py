@@ -69,7 +69,7 @@ _SCHEDULER: dict[str, Key] = {
         minimum=0.1),
     "deadline_multiplier": Key(
         float, 4.0, "a request's deadline: this many times its calibrated wait", minimum=1.0),
-    "deadline_floor": Key(float, 10.0, "shortest deadline in seconds", minimum=0.1),
+    "deadline_floor": Key(float, 30.0, "shortest deadline in seconds", minimum=0.1),
     "switching": Key(
         str, "aging", "model switching: aging (serve the resident queue, switch on the aging"
         " bound) or fifo (oldest request first; for comparison only)", ("aging", "fifo")),

@@ -32,8 +32,8 @@ def model_view(sched: Scheduler, m: ModelState, now: float) -> dict[str, Any]:
         "calibration": {
             "load_seconds": m.costs.load_seconds,
             "load_seconds_max": m.costs.load_seconds_max,
-            "seconds_per_item": m.costs.sec_per_item,
-            "samples": m.costs.samples,
+            "seconds_per_item": {t: c.sec_per_item for t, c in m.task_costs.items()},
+            "samples": {t: c.samples for t, c in m.task_costs.items()},
         },
     }
 

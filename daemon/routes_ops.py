@@ -78,8 +78,9 @@ async def metrics(request: web.Request) -> web.Response:
         gauges.append(("npuserve_model_load_seconds", "seconds spent loading", lb,
                        m.load_seconds_total))
     for m, lb in per_model:
-        gauges.append(("npuserve_model_seconds_per_item", "measured cost per item", lb,
-                       m.costs.sec_per_item or 0.0))
+        for task, costs in m.task_costs.items():
+            gauges.append(("npuserve_model_seconds_per_item", "calibrated cost per item",
+                           lb + (("task", task),), costs.sec_per_item or 0.0))
     for lane in sched.lanes.values():
         gauges.append(("npuserve_worker_restarts", "worker processes lost and restarted",
                        (("device", lane.device),), lane.crashes))

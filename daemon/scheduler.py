@@ -54,6 +54,7 @@ class Timing:
 
 @dataclass
 class Job:
+    task: str
     request: wp.Request
     items: int
     enqueued: float
@@ -69,7 +70,8 @@ class ModelState:
     plan: ModelPlan
     state: str = "unloaded"  # unloaded | loading | ready | failed
     queue: collections.deque[Job] = field(default_factory=collections.deque)
-    costs: ModelCosts = field(default_factory=ModelCosts)
+    costs: ModelCosts = field(default_factory=ModelCosts)  # load figures
+    task_costs: dict[str, ModelCosts] = field(default_factory=dict)  # call figures per task
     loads: int = 0
     unloads: int = 0
     load_seconds_total: float = 0.0
@@ -89,6 +91,20 @@ class ModelState:
 
     def queued_items(self) -> int:
         return sum(j.items for j in self.queue)
+
+    def service_seconds(self, task: str, items: int) -> float | None:
+        costs = self.task_costs.get(task)
+        return costs.service_seconds(items) if costs else None
+
+    def queued_seconds(self) -> float | None:
+        """Calibrated time to run everything queued; None if any task is unmeasured."""
+        total = 0.0
+        for job in self.queue:
+            cost = self.service_seconds(job.task, job.items)
+            if cost is None:
+                return None
+            total += cost
+        return total
 
 
 class Lane:
@@ -245,7 +261,7 @@ class Lane:
         for job in model.queue:
             job.timing.load += reply.seconds
         log.info("loaded %s on %s in %.2fs", model.plan.name, self.device, reply.seconds)
-        if model.costs.sec_per_item is None:
+        if any(c.sec_per_item is None for c in model.task_costs.values()):
             await self._warm_up(model)
         self.sched.calibration.save()
         return True
@@ -254,10 +270,12 @@ class Lane:
         """First load ever: time one small call so admission has a figure at once."""
         spec = model.plan.spec
         if "embed" in model.plan.tasks:
-            req: wp.Request = wp.Embed(spec.model_id, ("warm-up " * 16,))
+            task, req = "embed", wp.Embed(spec.model_id, ("warm-up " * 16,))
         elif "rerank" in model.plan.tasks:
-            req = wp.Rerank(spec.model_id, "warm-up", ("warm-up " * 16,), "")
+            task, req = "rerank", wp.Rerank(spec.model_id, "warm-up", ("warm-up " * 16,), "")
         else:
+            return  # a generation warm-up would cost more than it tells
+        if model.task_costs[task].sec_per_item is not None:
             return
         start = time.monotonic()
         try:
@@ -266,7 +284,7 @@ class Lane:
             self._worker_lost(str(exc))
             return
         if not isinstance(reply, wp.Failure):
-            model.costs.observe_call(1, time.monotonic() - start)
+            model.task_costs[task].observe_call(1, time.monotonic() - start)
 
     def _victims_for(self, model: ModelState) -> list[str]:
         """Resident models to unload before `model` loads, per memory policy."""
@@ -391,7 +409,7 @@ class Lane:
         if isinstance(reply, wp.Failure) and reply.kind == "backend":
             self._retry_or_fail(model, jobs, RuntimeError(reply.error), reply.error)
             return
-        self.sched.observe(model, sum(j.items for j in jobs), elapsed)
+        self.sched.observe(model, jobs[0].task, sum(j.items for j in jobs), elapsed)
         for job in jobs:
             job.timing.inference = elapsed
         if isinstance(reply, wp.Vectors) and len(jobs) > 1:
@@ -405,7 +423,7 @@ class Lane:
         """One retry (on a fresh worker after a crash) while the deadline allows;
         a request that fails twice gets a clear error."""
         now = time.monotonic()
-        expected = model.costs.service_seconds(1) or 0.0
+        expected = model.service_seconds(jobs[0].task, 1) or 0.0
         for job in reversed(jobs):
             job.attempts += 1
             if job.future.done():
@@ -484,8 +502,10 @@ class Scheduler:
         self.lanes: dict[str, Lane] = {}
         for plan in plans.values():
             lane = self.lanes.setdefault(plan.device, Lane(plan.device, self))
-            costs = self.calibration.costs(plan.spec.model_id)
-            lane.models[plan.spec.model_id] = ModelState(plan, costs=costs)
+            mid = plan.spec.model_id
+            lane.models[mid] = ModelState(
+                plan, costs=self.calibration.costs(mid),
+                task_costs={t: self.calibration.costs(f"{mid}/{t}") for t in plan.tasks})
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -516,8 +536,8 @@ class Scheduler:
         mid = self.task_model[task]
         return self.lanes[self.plans[mid].device].models[mid]
 
-    def observe(self, model: ModelState, items: int, seconds: float) -> None:
-        model.costs.observe_call(items, seconds)
+    def observe(self, model: ModelState, task: str, items: int, seconds: float) -> None:
+        model.task_costs[task].observe_call(items, seconds)
         self._calls_since_save += 1
         if self._calls_since_save >= 100:
             self.calibration.save()
@@ -538,7 +558,7 @@ class Scheduler:
         """
         remaining = max(j.deadline for j in jobs) - time.monotonic()
         items = sum(j.items for j in jobs)
-        measured = 10.0 * (model.costs.service_seconds(items) or float(items))
+        measured = 10.0 * (model.service_seconds(jobs[0].task, items) or float(items))
         return max(remaining, 30.0 + measured)
 
     def _swap_seconds(self, model: ModelState) -> float:
@@ -547,18 +567,19 @@ class Scheduler:
             return 0.0
         return model.costs.load_seconds
 
-    def expected_wait(self, lane: Lane, model: ModelState, items: int) -> float | None:
+    def expected_wait(self, lane: Lane, model: ModelState, task: str, items: int
+                      ) -> float | None:
         """Seconds until a new request of `items` would finish; None while uncalibrated."""
         total = 0.0
         for m in lane.models.values():
             if m.queue:
-                queued = m.costs.service_seconds(m.queued_items())
+                queued = m.queued_seconds()
                 if queued is None:
                     return None
                 total += queued
                 if m.model_id not in lane.resident and m is not model:
                     total += self._swap_seconds(m)
-        own = model.costs.service_seconds(items)
+        own = model.service_seconds(task, items)
         if own is None:
             return None
         total += own
@@ -567,19 +588,21 @@ class Scheduler:
         return total
 
     def deadline_for(self, expected: float | None, cold: bool) -> float:
-        """Seconds this request may take: a multiple of its calibrated wait, within
+        """Seconds this request may take: a multiple of its calibrated wait (plus the
+        aging bound, which later work for the resident model may use first), within
         [deadline_floor, request_timeout]; uncalibrated or cold, the full timeout."""
         if expected is None or cold:
             return self.request_timeout
-        return min(self.request_timeout,
-                   max(self.deadline_floor, self.deadline_multiplier * expected))
+        allowed = self.deadline_multiplier * (expected + self.aging_s)
+        return min(self.request_timeout, max(self.deadline_floor, allowed))
 
     def recommended_timeout(self) -> float:
         """What a client should wait: the worst cold start plus a full queue of work."""
         worst = 0.0
         for m in self.all_models():
             load = m.costs.load_seconds_max or 0.0
-            per = m.costs.service_seconds(self.coalesce_texts) or 0.0
+            per = max((m.service_seconds(t, self.coalesce_texts) or 0.0 for t in m.plan.tasks),
+                      default=0.0)
             worst = max(worst, load + per)
         return min(self.request_timeout, max(self.deadline_floor, self.deadline_multiplier * worst))
 
@@ -604,7 +627,7 @@ class Scheduler:
             raise ModelUnavailable(f"model {model.plan.name} cannot load: {model.error}",
                                    retry_after=model.retry_at - now)
         queued = sum(m.queued_items() for m in lane.models.values())
-        expected = self.expected_wait(lane, model, items)
+        expected = self.expected_wait(lane, model, task, items)
         if queued + items > self.max_queue:
             self.metrics["rejected_overload"] += 1
             raise Overloaded(f"queue full ({queued} items waiting)",
@@ -616,7 +639,8 @@ class Scheduler:
                 " limit", retry_after=expected - self.request_timeout)
         cold = model.costs.load_seconds is None and model.model_id not in lane.resident
         deadline = now + self.deadline_for(expected, cold)
-        job = Job(request, items, now, deadline, asyncio.get_running_loop().create_future())
+        job = Job(task, request, items, now, deadline,
+                  asyncio.get_running_loop().create_future())
         model.queue.append(job)
         lane.wake.set()
         try:
@@ -631,7 +655,7 @@ class Scheduler:
         model = self.model_state(task)
         lane = self.lanes[model.plan.device]
         now = time.monotonic()
-        job = Job(wp.CountTokens(model.plan.spec, tuple(texts)), len(texts), now,
+        job = Job("tokenize", wp.CountTokens(model.plan.spec, tuple(texts)), len(texts), now,
                   now + self.request_timeout, asyncio.get_running_loop().create_future())
         lane.light.append(job)
         lane.wake.set()

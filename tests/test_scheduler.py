@@ -75,7 +75,7 @@ async def test_overload_is_503_with_retry_after_from_calibration(make_client):
     assert resp.status == 503
     body = await resp.json()
     assert "exceeds" in body["error"]
-    per_item = sched.model_state("embed").costs.sec_per_item
+    per_item = sched.model_state("embed").task_costs["embed"].sec_per_item
     expected = per_item * 512
     retry_after = int(resp.headers["Retry-After"])
     assert 1 <= retry_after <= expected + 1, (retry_after, expected)
@@ -96,7 +96,7 @@ async def test_calibration_persists_across_restarts(make_client, state_dir):
     data = json.loads((state_dir / "calibration.json").read_text())
     mid = _sched(first).task_model["embed"]
     assert data["models"][mid]["load_seconds"] > 0
-    assert data["models"][mid]["sec_per_item"] > 0
+    assert data["models"][f"{mid}/embed"]["sec_per_item"] > 0
     # A new daemon knows the costs before loading anything: it can refuse at once.
     second = await make_client(scheduler__request_timeout="1")
     resp = await second.post("/embed-batch", json={"texts": [PASSAGE] * 512})

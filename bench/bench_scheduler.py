@@ -1,0 +1,190 @@
+"""Scheduler benchmark: a mixed QMD-style workload under three policies, in one run.
+
+8 concurrent clients each run 10 queries: POST /expand, then /embed-batch with 3
+query variants, then /rerank of 10 documents — the order `qmd query` uses.
+
+Policies, each on its own daemon started by this script with the same models:
+  aging      sequential residency, aging-bound switching (npuserve's default)
+  fifo       sequential residency, oldest request first: swaps whenever the next
+             request needs another model (the naive baseline)
+  resident   every model resident (the memory-hungry baseline)
+
+Printed: swaps per query, wall time, p50/p95 query latency, peak RSS of the
+whole server (daemon + worker processes), and the ratios the issue targets.
+
+Usage: python bench/bench_scheduler.py [--state-dir DIR] [--clients 8] [--queries 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_core import free_port, passage, wait_ready  # noqa: E402
+
+TOPICS = ["debian kernel modules", "apt package signatures", "systemd unit hardening",
+          "sqlite full text search", "mdns service discovery", "npu model conversion",
+          "python virtual environments", "cpu thread pinning", "embedding model batching",
+          "reciprocal rank fusion"]
+
+
+def tree_rss(root_pid: int) -> int:
+    """RSS of a process and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    total, stack = 0, [root_pid]
+    page = os.sysconf("SC_PAGE_SIZE")
+    while stack:
+        pid = stack.pop()
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * page
+        except OSError:
+            pass
+        stack.extend(children.get(pid, []))
+    return total
+
+
+class PeakSampler(threading.Thread):
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.running = pid, 0, True
+
+    def run(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, tree_rss(self.pid))
+            time.sleep(0.02)
+
+
+async def one_query(session: aiohttp.ClientSession, base: str, q: str) -> float:
+    start = time.perf_counter()
+    async with session.post(base + "/expand", json={"query": q}) as r:
+        assert r.status == 200, await r.text()
+        lines = await r.json()
+    variants = [f"task: search result | query: {line['text']}" for line in lines][:3]
+    while len(variants) < 3:
+        variants.append(f"task: search result | query: {q}")
+    async with session.post(base + "/embed-batch", json={"texts": variants}) as r:
+        assert r.status == 200, await r.text()
+        await r.read()
+    docs = [{"file": f"doc{i}.md", "text": passage(i, 45)} for i in range(10)]
+    async with session.post(base + "/rerank", json={"query": q, "documents": docs}) as r:
+        assert r.status == 200, await r.text()
+        await r.read()
+    return time.perf_counter() - start
+
+
+async def workload(base: str, clients: int, queries: int) -> tuple[float, list[float]]:
+    latencies: list[float] = []
+
+    async def client(c: int) -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as s:
+            for k in range(queries):
+                latencies.append(await one_query(s, base, f"{TOPICS[(c + k) % 10]} {c}-{k}"))
+
+    start = time.perf_counter()
+    await asyncio.gather(*[client(c) for c in range(clients)])
+    return time.perf_counter() - start, latencies
+
+
+async def fetch_json(url: str) -> dict:
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        return await r.json()
+
+
+def run_policy(name: str, models_dir: Path, settings: list[str], clients: int,
+               queries: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        state = Path(tmp) / "state"
+        state.mkdir()
+        (state / "models").symlink_to(models_dir)
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NPUSERVE_")}
+        sets = [a for s in settings for a in ("--set", s)]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "npuserve.daemon.cli", "serve", "--state-dir", str(state),
+             "--port", str(port), *sets],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(base + "/health")
+            sampler = PeakSampler(proc.pid)
+            sampler.start()
+            wall, lat = asyncio.run(workload(base, clients, queries))
+            sampler.running = False
+            sampler.join()
+            status = asyncio.run(fetch_json(base + "/admin/models"))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+    loads = sum(m["loads"] for m in status["models"])
+    n = clients * queries
+    lat.sort()
+    return {
+        "swaps_per_query": loads / n,
+        "wall": wall,
+        "p50": statistics.median(lat),
+        "p95": lat[max(0, int(0.95 * len(lat)) - 1)],
+        "peak_rss_mb": sampler.peak / 2**20,
+        "loads": loads,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--state-dir", default=None)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--queries", type=int, default=10)
+    args = ap.parse_args()
+    from npuserve.daemon.config import load_config
+
+    cfg = load_config(None, overrides={"state_dir": args.state_dir} if args.state_dir else {})
+    # Greedy, short expansions so every policy does the same work.
+    common = ["models.expand.temperature=0", "models.expand.max_tokens=48",
+              "scheduler.keep_alive=-1"]
+    policies = {
+        "aging": common + ["scheduler.policy=sequential", "scheduler.switching=aging"],
+        "fifo": common + ["scheduler.policy=sequential", "scheduler.switching=fifo"],
+        "resident": common + ["scheduler.policy=resident"],
+    }
+    results = {}
+    for name, settings in policies.items():
+        results[name] = run_policy(name, cfg.models_dir, settings, args.clients, args.queries)
+        r = results[name]
+        print(f"{name:9} swaps/query {r['swaps_per_query']:.3f} ({r['loads']} loads)  "
+              f"wall {r['wall']:.1f}s  p50 {r['p50']:.2f}s  p95 {r['p95']:.2f}s  "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+    a, f, res = results["aging"], results["fifo"], results["resident"]
+    print(f"\n{args.clients} clients x {args.queries} queries (expand -> embed-batch 3 -> "
+          "rerank 10)")
+    print(f"swaps per query, aging / fifo     {a['swaps_per_query'] / f['swaps_per_query']:.2f}"
+          "  (target <= 0.5)")
+    print(f"wall time, aging / fifo           {a['wall'] / f['wall']:.2f}  (target <= 0.8)")
+    print(f"p95 latency, sequential / resident {a['p95'] / res['p95']:.2f}  (target <= 1.5)")
+    print(f"peak RSS, sequential / resident   {a['peak_rss_mb'] / res['peak_rss_mb']:.2f}"
+          "  (target <= 0.6)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
