@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -34,6 +35,7 @@ class Services:
     limits: Limits
     max_body: int
     started: float
+    index: Any = None  # IndexService; None while the index is off or could not open
 
 
 SERVICES = web.AppKey("services", Services)
@@ -135,8 +137,33 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return await handler(request)
 
 
+def _open_index(app: web.Application, cfg: Config, scheduler: Scheduler) -> None:
+    """Open the index; on failure the model endpoints still serve and the index
+    endpoints answer 503 "No index database loaded"."""
+    from .index_service import IndexService, IndexSettings
+
+    settings = IndexSettings(int(cfg.get("index.chunk_tokens")),
+                             float(cfg.get("index.chunk_overlap")),
+                             int(cfg.get("index.embed_batch")))
+    try:
+        index = IndexService.open(cfg.state_dir / "index.sqlite", scheduler, settings)
+    except Exception:
+        log.exception("cannot open the index in %s", cfg.state_dir)
+        return
+    index.start()
+    app[SERVICES].index = index
+
+
 def build_app(cfg: Config, scheduler: Scheduler) -> web.Application:
-    from . import rerank_shapes, routes_admin, routes_ollama, routes_openai, routes_ops, routes_qmd
+    from . import (
+        rerank_shapes,
+        routes_admin,
+        routes_index,
+        routes_ollama,
+        routes_openai,
+        routes_ops,
+        routes_qmd,
+    )
 
     max_body = int(cfg.get("server.max_body_mb") * 1024 * 1024)
     app = web.Application(
@@ -152,13 +179,18 @@ def build_app(cfg: Config, scheduler: Scheduler) -> web.Application:
         started=time.time(),
     )
     for module in (routes_qmd, rerank_shapes, routes_openai, routes_ollama, routes_ops,
-                   routes_admin):
+                   routes_admin, routes_index):
         app.add_routes(module.routes)
 
     async def on_startup(app: web.Application) -> None:
         scheduler.start()
+        if cfg.get("index.enabled"):
+            _open_index(app, cfg, scheduler)
 
     async def on_cleanup(app: web.Application) -> None:
+        index = app[SERVICES].index
+        if index is not None:
+            await index.close()
         await scheduler.stop(float(cfg.get("server.shutdown_timeout")))
 
     app.on_startup.append(on_startup)

@@ -101,6 +101,14 @@ _EXPAND: dict[str, Key] = {
     "presence_penalty": Key(float, 0.5, "expansion presence penalty over the last 64 tokens"),
     "seed": Key(int, -1, "expansion RNG seed (-1: random)"),
 }
+_INDEX: dict[str, Key] = {
+    "enabled": Key(bool, True, "keep a document index (SQLite FTS5 + sqlite-vec)"),
+    "chunk_tokens": Key(
+        int, 0, "chunk size in embedding-model tokens (0: 900, or the model's context"
+        " if smaller)", minimum=0),
+    "chunk_overlap": Key(float, 0.15, "share of a chunk repeated in the next", minimum=0),
+    "embed_batch": Key(int, 32, "chunks per embedding call", minimum=1),
+}
 TASK_CTX_DEFAULT = {"embed": 512, "rerank": 2048, "expand": 2048}
 
 SCHEMA: dict[str, Any] = {
@@ -108,6 +116,7 @@ SCHEMA: dict[str, Any] = {
     "log_level": Key(str, "info", "logging level", ("debug", "info", "warning", "error")),
     "server": _SERVER,
     "scheduler": _SCHEDULER,
+    "index": _INDEX,
     "models": {"embed": _MODEL, "rerank": _MODEL | _RERANK, "expand": _MODEL | _EXPAND},
 }
 

@@ -80,15 +80,3 @@ async def load(request: web.Request) -> web.Response:
 @routes.post("/admin/models/{name}/unload")
 async def unload(request: web.Request) -> web.Response:
     return await _control(request, "unload")
-
-
-@routes.get("/status")
-async def status(request: web.Request) -> web.Response:
-    """QMD's /status; the index fields stay empty until a document index exists."""
-    return web.json_response({
-        "totalDocuments": 0,
-        "needsEmbedding": 0,
-        "hasVectorIndex": False,
-        "collections": [],
-        "runtime": runtime_view(services(request).scheduler),
-    })

@@ -41,6 +41,8 @@ log = logging.getLogger("npuserve.scheduler")
 # model is unloaded is replaced, so "unload" returns memory for certain.
 RECYCLE_SLACK_BYTES = 48 * 1024 * 1024
 LOAD_BACKOFF_MAX = 300.0
+# A preempting switch costs two loads; waiting 10x that keeps swaps under ~10 %.
+AGING_SWAP_FACTOR = 10.0
 # Without a measurement yet, a load may take this long (slow SD cards).
 COLD_LOAD_ALLOWANCE = 600.0
 
@@ -122,6 +124,8 @@ class Lane:
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.baseline_rss: int | None = None
+        self.serving: str | None = None  # the model whose visit is under way
+        self.gate = 0.0  # requests queued before this instant belong to the visit
         self.swaps = 0
         self.recycles = 0
         self.crashes = 0
@@ -129,21 +133,36 @@ class Lane:
     # --- picking work -----------------------------------------------------
 
     def pick(self, now: float) -> ModelState | None:
+        """The model to serve next.
+
+        fifo: the model of the oldest request. aging (gated service): the model
+        being served keeps the device for the requests that were queued when its
+        visit began; then the queue with the oldest head goes next. A queue whose
+        head has waited past the aging bound preempts even a gated visit, so a
+        flood for one model cannot starve another.
+        """
         waiting = [m for m in self.models.values() if m.queue]
         if not waiting:
             return None
         oldest = max(waiting, key=lambda m: m.head_age(now))
-        current = [m for m in waiting if m.model_id in self.resident]
-        if not current or self.sched.switching == "fifo":
+        serving = self.models.get(self.serving or "")
+        if (self.sched.switching == "fifo" or serving is None or not serving.queue
+                or serving.model_id not in self.resident):
             return oldest
-        serving = max(current, key=lambda m: m.head_age(now))
-        # The aging bound: a queue whose head has waited too long takes the
-        # device next, however busy the resident model is, so nothing starves.
-        starved = [m for m in waiting if m is not serving
-                   and m.head_age(now) > self.sched.aging_s]
+        others = [m for m in waiting if m is not serving]
+        if not others:
+            return serving
+        starved = [m for m in others if m.head_age(now) > self.sched.aging_bound(serving, m)]
         if starved:
             return max(starved, key=lambda m: m.head_age(now))
-        return serving
+        if serving.queue[0].enqueued <= self.gate:
+            return serving
+        return max(others, key=lambda m: m.head_age(now))
+
+    def begin_visit(self, model: ModelState, now: float) -> None:
+        if model.model_id != self.serving:
+            self.serving = model.model_id
+            self.gate = now
 
     # --- loop ---------------------------------------------------------------
 
@@ -166,6 +185,7 @@ class Lane:
                 continue
             if not await self._ensure_loaded(model):
                 continue
+            self.begin_visit(model, now)
             await self._run_batch(model)
 
     def _busy(self) -> bool:
@@ -560,6 +580,13 @@ class Scheduler:
         items = sum(j.items for j in jobs)
         measured = 10.0 * (model.service_seconds(jobs[0].task, items) or float(items))
         return max(remaining, 30.0 + measured)
+
+    def aging_bound(self, serving: ModelState, waiting: ModelState) -> float:
+        """How long `waiting`'s head may wait before it preempts `serving`: the
+        configured bound, or AGING_SWAP_FACTOR swaps (there and back) when loads
+        are slow, so that switching never costs more than a small share of time."""
+        swap = self._swap_seconds(waiting) + self._swap_seconds(serving)
+        return max(self.aging_s, AGING_SWAP_FACTOR * swap)
 
     def _swap_seconds(self, model: ModelState) -> float:
         """Cost of making `model` resident: its load (cold loads get the allowance)."""

@@ -57,11 +57,18 @@ async def test_aging_bound_prevents_starvation(make_client):
     assert _sched(client).metrics["loads"] >= 3  # embed -> rerank -> embed again
 
 
-async def test_without_aging_the_flood_runs_first(make_client):
-    """The control case: an aging bound beyond the flood lets one model hog the device."""
+async def test_gated_visit_serves_other_queue_before_later_arrivals(make_client):
+    """Even with the aging bound out of reach, a visit only covers the requests queued
+    when it began: embeds that arrive after the rerank are served after it."""
     client = await make_client(scheduler__aging_ms="1000000", scheduler__coalesce_texts="32")
     before, after = await _flood_then_rerank(client)
-    assert after < 40, (before, after)
+    assert after > 100, (before, after)
+
+
+async def test_fifo_switching_is_selectable(make_client):
+    client = await make_client(scheduler__switching="fifo")
+    before, after = await _flood_then_rerank(client)
+    assert before + after == 300 and _sched(client).switching == "fifo"
 
 
 async def test_overload_is_503_with_retry_after_from_calibration(make_client):

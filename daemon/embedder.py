@@ -1,0 +1,94 @@
+"""Background embedding of stored chunks, through the scheduler, in batches.
+
+Documents are searchable by BM25 the moment they are stored; this loop adds
+their vectors afterwards. A failed batch leaves its chunks pending with a
+back-off, so a broken embedding model never blocks ingestion or BM25.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from .index_store import IndexStore
+from .scheduler import Scheduler
+from .scheduler_errors import SchedulerError
+
+log = logging.getLogger("npuserve.embedder")
+
+
+def document_text(title: str, chunk: str) -> str:
+    """QMD's document format for embedding."""
+    return f"title: {title} | text: {chunk}"
+
+
+def query_text(query: str) -> str:
+    """QMD's query format for embedding."""
+    return f"task: search result | query: {query}"
+
+
+class Embedder:
+    def __init__(self, store: IndexStore, scheduler: Scheduler, batch: int = 32) -> None:
+        self.store = store
+        self.scheduler = scheduler
+        self.batch = batch
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.failures = 0
+        self.embedded = 0
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self.run(), name="embedder")
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+
+    def poke(self) -> None:
+        self.wake.set()
+
+    async def run(self) -> None:
+        while True:
+            self.wake.clear()
+            done_any = await self.step()
+            if not done_any:
+                try:
+                    # Chunks in back-off become due on their own: look again later.
+                    await asyncio.wait_for(self.wake.wait(), timeout=30)
+                except TimeoutError:
+                    pass
+
+    async def step(self) -> bool:
+        """Embed one batch of pending chunks; False when nothing was due."""
+        pending = await asyncio.to_thread(self.store.pending_chunks, self.batch)
+        if not pending:
+            return False
+        ids = [p[0] for p in pending]
+        texts = [document_text(p[2], p[3]) for p in pending]
+        try:
+            vectors, _, _, _ = await self.scheduler.embed(texts)
+        except SchedulerError as exc:
+            self.failures += 1
+            self.last_error = str(exc)
+            backoff = min(600.0, 5.0 * 2 ** min(self.failures, 7))
+            log.warning("embedding %d chunks failed (retry in %.0fs): %s", len(ids), backoff, exc)
+            await asyncio.to_thread(self.store.embedding_failed, ids, str(exc), backoff)
+            return False
+        self.failures = 0
+        self.last_error = None
+        model = self.scheduler.model_name("embed")
+        try:
+            written = await asyncio.to_thread(self.store.store_vectors, ids,
+                                              [p[1] for p in pending], vectors, model)
+        except Exception as exc:  # e.g. a disk error: the chunks stay pending
+            log.exception("storing vectors failed")
+            self.last_error = f"storing vectors failed: {exc}"
+            await asyncio.to_thread(self.store.embedding_failed, ids, self.last_error, 60.0)
+            return False
+        self.embedded += written
+        return True
