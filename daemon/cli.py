@@ -43,6 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
     lst = msub.add_parser("list", help="models on disk and which task uses which")
     _common(lst)
 
+    index = sub.add_parser("index", help="fill a running daemon's document index")
+    isub = index.add_subparsers(dest="index_command", required=True)
+    add = isub.add_parser("add", help="send a directory's files to the index")
+    add.add_argument("dir", help="directory to index")
+    add.add_argument("--collection", required=True, help="collection name")
+    add.add_argument("--glob", default="**/*.md", help="which files (default **/*.md)")
+    add.add_argument("--url", default=None, help="daemon URL (default http://127.0.0.1:PORT)")
+    add.add_argument("--api-key", default=None, help="Bearer key (default server.api_key)")
+    _common(add)
+
+    disc = sub.add_parser("discover", help="list npuserve daemons on the LAN (mDNS)")
+    disc.add_argument("--timeout", type=float, default=3.0, help="seconds to listen")
+
+    cl = sub.add_parser("client", help="call a daemon from the shell")
+    cl.add_argument("--url", help="daemon URL (default: the first one discovered)")
+    cl.add_argument("--api-key", default=None)
+    cl.add_argument("action", choices=["embed", "rerank", "expand", "search", "query", "health"])
+    cl.add_argument("text", nargs="*", help="embed: texts; rerank: QUERY DOC...; others: QUERY")
+
     doctor = sub.add_parser("doctor", help="what hardware, runtimes and models are found")
     _common(doctor)
 
@@ -151,6 +170,67 @@ def cmd_doctor(cfg: Config) -> int:
     return 0 if ok else 1
 
 
+def cmd_index_add(cfg: Config, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .index_cli import IndexClientError, index_add
+
+    url = args.url or f"http://127.0.0.1:{cfg.get('server.port')}"
+    try:
+        counts = index_add(Path(args.dir), args.collection, args.glob, url,
+                           args.api_key or cfg.get("server.api_key") or None)
+    except IndexClientError as exc:
+        print(f"npuserve index add: {exc}", file=sys.stderr)
+        return 1
+    print(", ".join(f"{k}: {v}" for k, v in counts.items()))
+    return 0
+
+
+def cmd_discover(timeout: float) -> int:
+    from .client import discover
+
+    daemons = discover(timeout)
+    if not daemons:
+        print("no npuserve daemon answered on the LAN")
+        return 1
+    print(f"{'NAME':32} {'URL':28} {'EMBED':20} {'DEVICES':30} AUTH TIMEOUT")
+    for d in daemons:
+        t = d.txt
+        print(f"{d.name[:32]:32} {d.url:28} {t.get('embed', '?')[:20]:20}"
+              f" {t.get('dev', '?')[:30]:30} {t.get('auth', '?'):4} {t.get('timeout', '?')}")
+    return 0
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    import json as _json
+
+    from .client import Client, NpuserveError, Unreachable
+
+    try:
+        client = Client(args.url, discover=args.url is None, api_key=args.api_key)
+        text = args.text
+        if args.action == "health":
+            out: Any = client.health()
+        elif not text:
+            print("npuserve client: give the text to work on", file=sys.stderr)
+            return 2
+        elif args.action == "embed":
+            out = client.embed_batch(text)
+        elif args.action == "rerank":
+            out = client.rerank(text[0], text[1:])
+        elif args.action == "expand":
+            out = client.expand(" ".join(text))
+        elif args.action == "search":
+            out = client.search(" ".join(text))
+        else:
+            out = client.query(" ".join(text))
+    except (NpuserveError, Unreachable) as exc:
+        print(f"npuserve client: {exc}", file=sys.stderr)
+        return 1
+    print(_json.dumps(out, indent=1))
+    return 0
+
+
 def _mem_available_mb() -> int:
     from .scheduler import mem_available
 
@@ -159,6 +239,10 @@ def _mem_available_mb() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "discover":
+        return cmd_discover(args.timeout)
+    if args.command == "client":
+        return cmd_client(args)
     try:
         if args.command == "config" and not args.check:
             print(render_example())
@@ -178,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_prepare(cfg) if args.models_command == "prepare" else cmd_list(cfg)
     if args.command == "doctor":
         return cmd_doctor(cfg)
+    if args.command == "index":
+        return cmd_index_add(cfg, args)
     return 2
 
 

@@ -24,9 +24,18 @@ class Hit:
     chunk_id: int | None = None  # the best chunk, for vector hits
 
 
+_STOPWORDS = frozenset(
+    "a an and are as at be by can do does for from how i in is it me my of on or the to what"
+    " when where which who why with you your".split())
+
+
 def fts_query(text: str, any_term: bool = False) -> str | None:
-    """User text as a safe FTS5 query: quoted terms, so no syntax can be injected."""
+    """User text as a safe FTS5 query: quoted terms, so no syntax can be injected.
+    Stop words are dropped (unless nothing else is left): in an OR query they
+    would rank every document."""
     terms = [t for t in _TERM.findall(text.lower()) if t]
+    content = [t for t in terms if t not in _STOPWORDS]
+    terms = content or terms
     if not terms:
         return None
     return (" OR " if any_term else " ").join(f'"{t}"' for t in terms[:32])

@@ -22,6 +22,7 @@ from .index_store import (
     content_hash,
 )
 from .scheduler import Scheduler
+from .scheduler_errors import SchedulerError
 
 log = logging.getLogger("npuserve.index")
 _HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.MULTILINE)
@@ -110,4 +111,11 @@ class IndexService:
         return stored
 
     async def _count(self, texts: list[str]) -> list[int]:
-        return await self.scheduler.count_tokens("embed", texts)
+        try:
+            return await self.scheduler.count_tokens("embed", texts)
+        except SchedulerError as exc:
+            # Storing must not depend on the embedding model: without its
+            # tokenizer, estimate generously (about 3 characters a token) so
+            # chunks stay within the context once the model is back.
+            log.warning("tokenizer unavailable (%s); estimating chunk sizes", exc)
+            return [len(t) // 3 + 2 for t in texts]
