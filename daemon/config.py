@@ -82,6 +82,9 @@ _MODEL: dict[str, Key] = {
     "device": Key(str, "auto", "where it runs", ("auto", "npu", "cpu")),
     "n_ctx": Key(int, 0, "context length in tokens (0: task default)", minimum=0),
     "threads": Key(int, 0, "CPU threads (0: one per core)", minimum=0),
+    "cpu_path": Key(
+        str, "", "GGUF twin used on the CPU when an NPU model directory cannot run"
+        " (empty: the prepared default for this task)"),
 }
 _RERANK: dict[str, Key] = {
     "template": Key(
@@ -102,6 +105,18 @@ _EXPAND: dict[str, Key] = {
     "presence_penalty": Key(float, 0.5, "expansion presence penalty over the last 64 tokens"),
     "seed": Key(int, -1, "expansion RNG seed (-1: random)"),
 }
+_NPU: dict[str, Key] = {
+    "runtime": Key(
+        str, "auto", "NPU runtime: auto (rknnlite when the board has a usable NPU), rknnlite,"
+        " reference (the ONNX twin on onnxruntime: for x86 testing, not acceleration)",
+        ("auto", "rknnlite", "reference")),
+    "cores": Key(int, 3, "NPU cores to use, one RKNNLite context each", minimum=1),
+    "failure_threshold": Key(
+        int, 2, "consecutive NPU failures before its work moves to the CPU twin", minimum=1),
+    "reprobe_seconds": Key(
+        float, 30.0, "first wait before the NPU is tried again (doubles up to 10 min)",
+        minimum=1.0),
+}
 _INDEX: dict[str, Key] = {
     "enabled": Key(bool, True, "keep a document index (SQLite FTS5 + sqlite-vec)"),
     "chunk_tokens": Key(
@@ -118,6 +133,7 @@ SCHEMA: dict[str, Any] = {
     "server": _SERVER,
     "scheduler": _SCHEDULER,
     "index": _INDEX,
+    "npu": _NPU,
     "models": {"embed": _MODEL, "rerank": _MODEL | _RERANK, "expand": _MODEL | _EXPAND},
 }
 
@@ -188,6 +204,7 @@ class ModelConfig:
     device: str
     n_ctx: int
     threads: int
+    cpu_path: str
     options: dict[str, Any]
 
 
@@ -218,6 +235,7 @@ class Config:
             device=opts.pop("device"),
             n_ctx=n_ctx,
             threads=opts.pop("threads"),
+            cpu_path=opts.pop("cpu_path"),
             options=opts,
         )
 

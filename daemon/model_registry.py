@@ -1,7 +1,9 @@
 """From configuration to loadable models: resolve paths, pick devices and backend kinds.
 
 Tasks configured with the same file and load settings share one model (the
-default SmolLM2 serves rerank and expansion from one load).
+default SmolLM2 serves rerank and expansion from one load). A task whose path
+is an NPU model directory runs on the NPU when the board has one, and has a
+CPU twin (a GGUF file) that takes its work when the NPU is missing or fails.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ KINDS = {
     ("embed", "cpu"): "llama_cpp_embed",
     ("rerank", "cpu"): "llama_cpp_generative",
     ("expand", "cpu"): "llama_cpp_generative",
+    ("embed", "npu"): "rknn_embed",
 }
 
 
@@ -35,15 +38,43 @@ class ModelPlan:
     name: str
     tasks: list[str] = field(default_factory=list)
     device_reason: str = ""
+    twin: str | None = None  # model id of the CPU twin of an NPU model
+
+
+@dataclass
+class NpuStatus:
+    available: bool
+    runtime: str  # rknnlite | reference
+    reason: str
+
+
+def npu_status(cfg: Config) -> NpuStatus:
+    runtime = cfg.get("npu.runtime")
+    if runtime == "reference":
+        return NpuStatus(True, "reference", "reference runtime (ONNX twin on onnxruntime)")
+    from npuserve.npu.detect import detect
+
+    report = detect()
+    if report.usable:
+        return NpuStatus(True, "rknnlite", report.verdict())
+    reasons = "; ".join(p for p, _ in report.problems) or "no NPU"
+    return NpuStatus(False, "rknnlite", reasons)
+
+
+def _absolute(cfg: Config, path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else cfg.models_dir / p
 
 
 def _resolve_path(cfg: Config, mc: ModelConfig) -> tuple[Path, str, dict[str, object]]:
-    """(file, name, the model's own option defaults)."""
+    """(file or model directory, name, the model's own option defaults)."""
     if mc.path:
-        path = Path(mc.path)
-        if not path.is_absolute():
-            path = cfg.models_dir / path
+        path = _absolute(cfg, mc.path)
         return path, mc.name or path.stem, {}
+    return _default(cfg, mc)
+
+
+def _default(cfg: Config, mc: ModelConfig) -> tuple[Path, str, dict[str, object]]:
     rec = default_for_task(cfg.models_dir, mc.task)
     if rec is None:
         # Not fatal: /health reports it and `npuserve models prepare` fixes it.
@@ -52,46 +83,76 @@ def _resolve_path(cfg: Config, mc: ModelConfig) -> tuple[Path, str, dict[str, ob
     return cfg.models_dir / rec.file, mc.name or rec.name, dict(rec.options)
 
 
-def _choose_device(mc: ModelConfig) -> tuple[str, str]:
-    if mc.device == "npu":
-        raise ConfigError(
-            f"models.{mc.task}.device: 'npu' needs an RKNN model directory; GGUF models run on cpu"
-        )
-    if mc.device == "auto":
-        return "cpu", "auto: no NPU backend for a GGUF model"
-    return "cpu", "configured"
+def _is_npu_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "manifest.json").is_file()
+
+
+def _model_id(name: str, device: str, kind: str, path: Path, mc: ModelConfig) -> str:
+    key = f"{kind}|{path}|{mc.n_ctx}|{mc.threads}"
+    return f"{name}@{device}-" + hashlib.sha1(key.encode()).hexdigest()[:8]
+
+
+def _task_options(task: str, mc: ModelConfig, model_defaults: dict[str, object]
+                  ) -> dict[str, object]:
+    own = RERANK_OPTIONS if task == "rerank" else EXPAND_OPTIONS if task == "expand" else ()
+    mine = {k: mc.options[k] for k in own}
+    # An option left empty in the config takes the model's own default.
+    mine |= {k: v for k, v in model_defaults.items() if k in own and mine.get(k) == ""}
+    if task == "rerank" and not mine["template"]:
+        mine["template"] = DEFAULT_RERANK_TEMPLATE
+    return mine
+
+
+def _add(plans: dict[str, ModelPlan], task: str, device: str, path: Path, name: str,
+         mc: ModelConfig, options: dict[str, object], reason: str) -> ModelPlan:
+    kind = KINDS.get((task, device))
+    if kind is None:
+        raise ConfigError(f"models.{task}: no {device} backend for the {task} task yet")
+    model_id = _model_id(name, device, kind, path, mc)
+    plan = plans.get(model_id)
+    if plan is None:
+        plan = ModelPlan(ModelSpec(model_id, kind, str(path), mc.n_ctx, mc.threads), device,
+                         name, device_reason=reason)
+        plans[model_id] = plan
+    if task not in plan.tasks:
+        plan.tasks.append(task)
+    merged = dict(plan.spec.options) | options
+    plan.spec = ModelSpec(model_id, kind, str(path), mc.n_ctx, mc.threads,
+                          tuple(sorted(merged.items())))
+    return plan
 
 
 def plan_models(cfg: Config) -> tuple[dict[str, ModelPlan], dict[str, str]]:
     """Models keyed by id, and the model id serving each task."""
     plans: dict[str, ModelPlan] = {}
     task_model: dict[str, str] = {}
+    npu: NpuStatus | None = None
     for task in TASKS:
         mc = cfg.model(task)
         path, name, model_defaults = _resolve_path(cfg, mc)
-        device, reason = _choose_device(mc)
-        kind = KINDS[(task, device)]
-        key = f"{kind}|{path}|{mc.n_ctx}|{mc.threads}"
-        model_id = f"{name}@{device}-" + hashlib.sha1(key.encode()).hexdigest()[:8]
-        plan = plans.get(model_id)
-        if plan is None:
-            plan = ModelPlan(
-                spec=ModelSpec(model_id, kind, str(path), mc.n_ctx, mc.threads),
-                device=device,
-                name=name,
-                device_reason=reason,
-            )
-            plans[model_id] = plan
-        plan.tasks.append(task)
-        own = RERANK_OPTIONS if task == "rerank" else EXPAND_OPTIONS if task == "expand" else ()
-        mine = {k: mc.options[k] for k in own}
-        # An option left empty in the config takes the model's own default.
-        mine |= {k: v for k, v in model_defaults.items() if k in own and mine.get(k) == ""}
-        if task == "rerank" and not mine["template"]:
-            mine["template"] = DEFAULT_RERANK_TEMPLATE
-        options = dict(plan.spec.options) | mine
-        plan.spec = ModelSpec(
-            model_id, kind, str(path), mc.n_ctx, mc.threads, tuple(sorted(options.items()))
-        )
-        task_model[task] = model_id
+        options = _task_options(task, mc, model_defaults)
+        if not _is_npu_dir(path):
+            if mc.device == "npu":
+                raise ConfigError(f"models.{task}.device: 'npu' needs an NPU model directory"
+                                  " (see `npuserve convert`); GGUF models run on the cpu")
+            reason = "configured" if mc.device == "cpu" else "auto: a GGUF model runs on the cpu"
+            plan = _add(plans, task, "cpu", path, name, mc, options, reason)
+            task_model[task] = plan.spec.model_id
+            continue
+        # An NPU model directory, with its CPU twin.
+        twin_path, twin_name, twin_defaults = (
+            (_absolute(cfg, mc.cpu_path), Path(mc.cpu_path).stem, {}) if mc.cpu_path
+            else _default(cfg, mc))
+        twin = _add(plans, task, "cpu", twin_path, twin_name, mc,
+                    _task_options(task, mc, twin_defaults), "CPU twin of an NPU model")
+        npu = npu or npu_status(cfg)
+        if mc.device == "cpu" or not npu.available:
+            why = "configured" if mc.device == "cpu" else f"no usable NPU: {npu.reason}"
+            twin.device_reason = why
+            task_model[task] = twin.spec.model_id
+            continue
+        options |= {"npu_runtime": npu.runtime, "npu_cores": int(cfg.get("npu.cores"))}
+        plan = _add(plans, task, "npu", path, name, mc, options, npu.reason)
+        plan.twin = twin.spec.model_id
+        task_model[task] = plan.spec.model_id
     return plans, task_model

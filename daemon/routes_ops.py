@@ -33,10 +33,12 @@ async def health(request: web.Request) -> web.Response:
     models: dict[str, str] = {}
     devices: dict[str, dict[str, object]] = {}
     for task, label in HEALTH_TASK_NAMES.items():
-        m = sched.model_state(task)
-        models[label] = m.plan.name
+        primary, m = sched.primary_state(task), sched.model_state(task)
+        models[label] = primary.plan.name
         devices[label] = {"device": m.plan.device, "state": m.state,
                           "reason": m.plan.device_reason}
+        if m is not primary:
+            devices[label].update(fallback_from=primary.plan.device, reason=primary.trip_reason)
         problem = model_problem(sched, m)
         if problem and problem not in problems:
             problems.append(problem)
@@ -81,6 +83,10 @@ async def metrics(request: web.Request) -> web.Response:
         for task, costs in m.task_costs.items():
             gauges.append(("npuserve_model_seconds_per_item", "calibrated cost per item",
                            lb + (("task", task),), costs.sec_per_item or 0.0))
+    for m, lb in per_model:
+        if m.plan.twin:
+            gauges.append(("npuserve_npu_fallback", "1 while an NPU model's work runs on its"
+                           " CPU twin", lb, float(m.tripped)))
     for lane in sched.lanes.values():
         gauges.append(("npuserve_worker_restarts", "worker processes lost and restarted",
                        (("device", lane.device),), lane.crashes))

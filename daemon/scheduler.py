@@ -41,6 +41,7 @@ log = logging.getLogger("npuserve.scheduler")
 # model is unloaded is replaced, so "unload" returns memory for certain.
 RECYCLE_SLACK_BYTES = 48 * 1024 * 1024
 LOAD_BACKOFF_MAX = 300.0
+NPU_HANG_FLOOR = 5.0
 # A preempting switch costs two loads; waiting 10x that keeps swaps under ~10 %.
 AGING_SWAP_FACTOR = 10.0
 # Without a measurement yet, a load may take this long (slow SD cards).
@@ -83,6 +84,12 @@ class ModelState:
     failures: int = 0
     dim: int | None = None
     rss: int = 0
+    # NPU circuit breaker (models with a CPU twin only).
+    npu_failures: int = 0
+    tripped: bool = False
+    trip_reason: str | None = None
+    probe_at: float = 0.0
+    probe_backoff: float = 0.0
 
     @property
     def model_id(self) -> str:
@@ -175,7 +182,14 @@ class Lane:
             self._drop_dead(now)
             model = self.pick(now)
             if model is None:
+                due = [m for m in self.models.values() if m.tripped and m.probe_at <= now]
+                if due and not self.sched.stopping:
+                    await self._probe(due[0])
+                    continue
                 timeout = await self._idle_unloads(now)
+                probes = [m.probe_at - now for m in self.models.values() if m.tripped]
+                if probes:
+                    timeout = min([t for t in (timeout, *probes) if t is not None])
                 if self.sched.stopping and not self._busy():
                     return
                 try:
@@ -366,6 +380,11 @@ class Lane:
         return next_due
 
     def _load_failed(self, model: ModelState, reason: str) -> None:
+        if model.plan.twin is not None:
+            # An NPU model that cannot load: its work goes to the CPU twin.
+            model.state, model.error = "failed", reason
+            self.sched.trip(model, f"NPU load failed: {reason}", [])
+            return
         model.failures += 1
         backoff = min(LOAD_BACKOFF_MAX, 2.0 ** model.failures)
         model.state, model.error = "failed", reason
@@ -422,13 +441,16 @@ class Lane:
             reply = await self.worker.call(request, timeout=self.sched.run_allowance(model, jobs))
         except (WorkerDied, WorkerTimeout) as exc:
             self._worker_lost(str(exc))
-            self._retry_or_fail(model, jobs, exc)
+            if not await self._npu_failed(model, jobs, str(exc)):
+                self._retry_or_fail(model, jobs, exc)
             return
         elapsed = time.monotonic() - start
         model.last_used = time.monotonic()
         if isinstance(reply, wp.Failure) and reply.kind == "backend":
-            self._retry_or_fail(model, jobs, RuntimeError(reply.error), reply.error)
+            if not await self._npu_failed(model, jobs, reply.error):
+                self._retry_or_fail(model, jobs, RuntimeError(reply.error), reply.error)
             return
+        model.npu_failures = 0
         self.sched.observe(model, jobs[0].task, sum(j.items for j in jobs), elapsed)
         for job in jobs:
             job.timing.inference = elapsed
@@ -437,6 +459,49 @@ class Lane:
         else:
             for job in jobs:
                 _settle(job, reply)
+
+    async def _npu_failed(self, model: ModelState, jobs: list[Job], reason: str) -> bool:
+        """The circuit breaker of an NPU model. The first failure re-initialises the
+        model (unload; the retry loads it again); at the threshold its work moves to
+        the CPU twin. True when the jobs were taken care of."""
+        if model.plan.twin is None:
+            return False
+        model.npu_failures += 1
+        self.sched.metrics["npu_failures"] += 1
+        if model.npu_failures >= self.sched.npu_threshold:
+            self.sched.trip(model, f"NPU failed {model.npu_failures} times: {reason}", jobs)
+            return True
+        log.warning("NPU call failed (%s): re-initialising %s", reason, model.plan.name)
+        await self._unload(model)
+        for job in reversed(jobs):
+            if not job.future.done():
+                model.queue.appendleft(job)
+        return True
+
+    async def _probe(self, model: ModelState) -> None:
+        """Try a tripped NPU model again: load it and run one small inference."""
+        now = time.monotonic()
+        spec = model.plan.spec
+        ok = False
+        try:
+            reply = await self.worker.call(wp.Load(spec), timeout=self.sched.load_allowance(model))
+            if isinstance(reply, wp.Loaded):
+                test = await self.worker.call(wp.Embed(spec.model_id, ("probe",)), timeout=30.0)
+                ok = isinstance(test, wp.Vectors)
+                if not ok:
+                    await self.worker.call(wp.Unload(spec.model_id), timeout=30.0)
+                else:
+                    self.resident.append(spec.model_id)
+                    model.state = "ready"
+        except (WorkerDied, WorkerTimeout) as exc:
+            self._worker_lost(str(exc))
+        if ok:
+            self.sched.untrip(model)
+        else:
+            model.probe_backoff = min(600.0, max(model.probe_backoff * 2, 1.0))
+            model.probe_at = now + model.probe_backoff
+            log.info("NPU probe of %s failed; next in %.0fs", model.plan.name,
+                     model.probe_backoff)
 
     def _retry_or_fail(self, model: ModelState, jobs: list[Job], exc: Exception,
                        backend_error: str | None = None) -> None:
@@ -458,6 +523,13 @@ class Lane:
             else:
                 job.future.set_exception(BackendFailed(
                     f"model worker crashed twice on this request ({exc}); it was restarted"))
+
+
+def _retarget(req: wp.Request, model_id: str) -> wp.Request:
+    """The same request for another model (the CPU twin)."""
+    import dataclasses
+
+    return dataclasses.replace(req, model_id=model_id)  # type: ignore[type-var]
 
 
 def _merge(jobs: list[Job]) -> wp.Request:
@@ -515,6 +587,8 @@ class Scheduler:
         self.deadline_multiplier = float(cfg.get("scheduler.deadline_multiplier"))
         self.deadline_floor = float(cfg.get("scheduler.deadline_floor"))
         self.switching = cfg.get("scheduler.switching")
+        self.npu_threshold = int(cfg.get("npu.failure_threshold"))
+        self.npu_reprobe = float(cfg.get("npu.reprobe_seconds"))
         self.calibration = CalibrationStore(cfg.state_dir / "calibration.json")
         self._calls_since_save = 0
         self.stopping = False
@@ -552,9 +626,46 @@ class Scheduler:
 
     # --- estimates --------------------------------------------------------------
 
-    def model_state(self, task: str) -> ModelState:
+    def primary_state(self, task: str) -> ModelState:
         mid = self.task_model[task]
         return self.lanes[self.plans[mid].device].models[mid]
+
+    def model_state(self, task: str) -> ModelState:
+        """The model serving `task` now: the CPU twin while an NPU model is tripped."""
+        model = self.primary_state(task)
+        if model.tripped and model.plan.twin:
+            return self._state(model.plan.twin)
+        return model
+
+    def _state(self, model_id: str) -> ModelState:
+        return self.lanes[self.plans[model_id].device].models[model_id]
+
+    def trip(self, model: ModelState, reason: str, jobs: list[Job]) -> None:
+        """Move an NPU model's work (running jobs first, then its queue) to its CPU twin."""
+        assert model.plan.twin is not None
+        twin = self._state(model.plan.twin)
+        first_trip = not model.tripped
+        model.tripped, model.trip_reason = True, reason
+        model.probe_backoff = self.npu_reprobe
+        model.probe_at = time.monotonic() + self.npu_reprobe
+        moved = [j for j in jobs + list(model.queue) if not j.future.done()]
+        model.queue.clear()
+        for job in moved:
+            job.request = _retarget(job.request, twin.model_id)
+            job.attempts = 0
+        twin.queue = collections.deque(sorted(list(twin.queue) + moved,
+                                              key=lambda j: j.enqueued))
+        self.lane_of(twin).wake.set()
+        if first_trip:
+            self.metrics["npu_fallbacks"] += 1
+            log.warning("%s falls back to the CPU twin %s: %s", model.plan.name,
+                        twin.plan.name, reason)
+
+    def untrip(self, model: ModelState) -> None:
+        model.tripped, model.trip_reason, model.npu_failures = False, None, 0
+        model.error = None
+        self.metrics["npu_recoveries"] += 1
+        log.info("%s is back on the NPU", model.plan.name)
 
     def observe(self, model: ModelState, task: str, items: int, seconds: float) -> None:
         model.task_costs[task].observe_call(items, seconds)
@@ -576,10 +687,14 @@ class Scheduler:
         result is still useful to the caller); only a call far beyond its
         measured cost is treated as a hang.
         """
-        remaining = max(j.deadline for j in jobs) - time.monotonic()
         items = sum(j.items for j in jobs)
-        measured = 10.0 * (model.service_seconds(jobs[0].task, items) or float(items))
-        return max(remaining, 30.0 + measured)
+        expected = model.service_seconds(jobs[0].task, items)
+        if model.plan.twin is not None and expected is not None:
+            # An NPU call that "failed to submit" never returns: past ten times its
+            # calibrated cost the worker is killed and the work retried or moved.
+            return max(NPU_HANG_FLOOR, 10.0 * expected)
+        remaining = max(j.deadline for j in jobs) - time.monotonic()
+        return max(remaining, 30.0 + 10.0 * (expected or float(items)))
 
     def aging_bound(self, serving: ModelState, waiting: ModelState) -> float:
         """How long `waiting`'s head may wait before it preempts `serving`: the
@@ -712,14 +827,14 @@ class Scheduler:
     # --- convenience for routes -------------------------------------------------
 
     async def embed(self, texts: list[str]) -> tuple[np.ndarray, list[bool], int, Timing]:
-        mid = self.task_model["embed"]
+        mid = self.model_state("embed").model_id
         reply, timing = await self.submit("embed", wp.Embed(mid, tuple(texts)), len(texts))
         assert isinstance(reply, wp.Vectors)
         return reply.array(), list(reply.truncated), reply.tokens, timing
 
     async def rerank(self, query: str, documents: list[str], instruction: str | None = None
                      ) -> tuple[list[float], list[bool], int, Timing]:
-        mid = self.task_model["rerank"]
+        mid = self.model_state("rerank").model_id
         if instruction is None:
             instruction = str(self.plans[mid].spec.option("instruction", ""))
         req = wp.Rerank(mid, query, tuple(documents), instruction)
@@ -729,7 +844,7 @@ class Scheduler:
 
     async def expand(self, query: str, intent: str | None, include_lexical: bool
                      ) -> tuple[list[tuple[str, str]], Timing]:
-        mid = self.task_model["expand"]
+        mid = self.model_state("expand").model_id
         reply, timing = await self.submit(
             "expand", wp.Expand(mid, query, intent, include_lexical), 1)
         assert isinstance(reply, wp.Lines)

@@ -22,6 +22,7 @@ log = logging.getLogger("npuserve.worker")
 BACKENDS: dict[str, str] = {
     "llama_cpp_embed": "npuserve.fallback.llama_embed:LlamaEmbedBackend",
     "llama_cpp_generative": "npuserve.fallback.llama_generative:LlamaGenerativeBackend",
+    "rknn_embed": "npuserve.npu.embed_backend:NpuEmbedBackend",
 }
 
 

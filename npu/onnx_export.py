@@ -1,0 +1,135 @@
+"""Export a BERT sentence-embedding model (safetensors) to ONNX with static shapes.
+
+The graph is written node by node from the weights (no torch): token, position
+and type embeddings, the encoder layers, masked mean pooling and L2
+normalisation, so the whole embedding runs in one graph. One file per
+sequence-length bucket; these are the "ONNX twins" the reference runtime runs
+on x86 and the input that rknn-toolkit2 converts for the RK3588.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+OPSET = 17  # LayerNormalization is a single op from 17 on
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+class _Graph:
+    """A tiny builder: named initializers and nodes with generated output names."""
+
+    def __init__(self) -> None:
+        from onnx import helper
+
+        self.helper = helper
+        self.nodes: list[Any] = []
+        self.inits: list[Any] = []
+        self.n = 0
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        self.inits.append(numpy_helper.from_array(value, name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], **attrs: Any) -> str:
+        self.n += 1
+        out = f"{op_type.lower()}_{self.n}"
+        self.nodes.append(self.helper.make_node(op_type, inputs, [out], **attrs))
+        return out
+
+
+def _linear(g: _Graph, x: str, w: np.ndarray, b: np.ndarray, name: str) -> str:
+    wt = g.const(f"{name}.wT", np.ascontiguousarray(w.T.astype(np.float32)))
+    bb = g.const(f"{name}.b", b.astype(np.float32))
+    return g.op("Add", [g.op("MatMul", [x, wt]), bb])
+
+
+def _layer_norm(g: _Graph, x: str, w: np.ndarray, b: np.ndarray, eps: float, name: str) -> str:
+    return g.op("LayerNormalization", [x, g.const(f"{name}.g", w.astype(np.float32)),
+                                       g.const(f"{name}.beta", b.astype(np.float32))],
+                axis=-1, epsilon=eps)
+
+
+def build_bert_onnx(model_dir: Path, seq_len: int, out_path: Path) -> None:
+    """Write an ONNX graph: (input_ids, attention_mask) int64 [1, seq_len] -> embedding [1, dim]."""
+    import onnx
+    from onnx import TensorProto, helper
+    from safetensors.numpy import load_file
+
+    hp = _read_json(model_dir / "config.json")
+    w = {k.removeprefix("bert."): v for k, v in load_file(str(model_dir / "model.safetensors"))
+         .items()}
+    dim, heads = int(hp["hidden_size"]), int(hp["num_attention_heads"])
+    head_dim, eps = dim // heads, float(hp["layer_norm_eps"])
+    g = _Graph()
+
+    ids, mask = "input_ids", "attention_mask"
+    emb = g.op("Gather", [g.const("word_embeddings", w["embeddings.word_embeddings.weight"]), ids])
+    pos = w["embeddings.position_embeddings.weight"][:seq_len] + \
+        w["embeddings.token_type_embeddings.weight"][0]
+    x = g.op("Add", [emb, g.const("pos_type", pos[None].astype(np.float32))])
+    x = _layer_norm(g, x, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], eps,
+                    "emb_ln")
+    # Additive attention mask: 0 where attended, -1e4 on padding.
+    maskf = g.op("Cast", [mask], to=TensorProto.FLOAT)
+    bias = g.op("Mul", [g.op("Sub", [g.const("one", np.array(1.0, np.float32)), maskf]),
+                        g.const("neg", np.array(-1e4, np.float32))])
+    bias = g.op("Unsqueeze", [bias, g.const("axes12", np.array([1, 2], np.int64))])
+    split_shape = g.const("split_shape", np.array([1, seq_len, heads, head_dim], np.int64))
+    merge_shape = g.const("merge_shape", np.array([1, seq_len, dim], np.int64))
+    scale = g.const("scale", np.array(1.0 / np.sqrt(head_dim), np.float32))
+    for i in range(int(hp["num_hidden_layers"])):
+        p = f"encoder.layer.{i}."
+
+        def heads_of(name: str, p: str = p, x: str = x, i: int = i) -> str:
+            t = _linear(g, x, w[p + f"attention.self.{name}.weight"],
+                        w[p + f"attention.self.{name}.bias"], f"l{i}.{name}")
+            return g.op("Transpose", [g.op("Reshape", [t, split_shape])], perm=[0, 2, 1, 3])
+
+        q, k, v = heads_of("query"), heads_of("key"), heads_of("value")
+        kt = g.op("Transpose", [k], perm=[0, 1, 3, 2])
+        scores = g.op("Add", [g.op("Mul", [g.op("MatMul", [q, kt]), scale]), bias])
+        ctx = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), v])
+        ctx = g.op("Reshape", [g.op("Transpose", [ctx], perm=[0, 2, 1, 3]), merge_shape])
+        attn = _linear(g, ctx, w[p + "attention.output.dense.weight"],
+                       w[p + "attention.output.dense.bias"], f"l{i}.ao")
+        x = _layer_norm(g, g.op("Add", [x, attn]), w[p + "attention.output.LayerNorm.weight"],
+                        w[p + "attention.output.LayerNorm.bias"], eps, f"l{i}.ln1")
+        h = _linear(g, x, w[p + "intermediate.dense.weight"], w[p + "intermediate.dense.bias"],
+                    f"l{i}.up")
+        # Exact GELU: 0.5 x (1 + erf(x / sqrt 2)), as BERT's "gelu".
+        erf = g.op("Erf", [g.op("Mul", [h, g.const(f"l{i}.rs2", np.array(1 / np.sqrt(2),
+                                                                          np.float32))])])
+        h = g.op("Mul", [g.op("Mul", [h, g.op("Add", [erf, "one"])]),
+                         g.const(f"l{i}.half", np.array(0.5, np.float32))])
+        down = _linear(g, h, w[p + "output.dense.weight"], w[p + "output.dense.bias"],
+                       f"l{i}.down")
+        x = _layer_norm(g, g.op("Add", [x, down]), w[p + "output.LayerNorm.weight"],
+                        w[p + "output.LayerNorm.bias"], eps, f"l{i}.ln2")
+    # Masked mean pooling, then L2 normalisation.
+    m3 = g.op("Unsqueeze", [maskf, g.const("axis2", np.array([2], np.int64))])
+    summed = g.op("ReduceSum", [g.op("Mul", [x, m3]), g.const("axis1", np.array([1], np.int64))],
+                  keepdims=0)
+    count = g.op("ReduceSum", [maskf, "axis1"], keepdims=1)
+    pooled = g.op("Div", [summed, count])
+    norm = g.op("ReduceL2", [pooled], axes=[1], keepdims=1)  # axes is an attribute before 18
+    out = g.op("Div", [pooled, g.op("Max", [norm, g.const("tiny", np.array(1e-12, np.float32))])])
+    g.nodes.append(helper.make_node("Identity", [out], ["embedding"]))
+    graph = helper.make_graph(
+        g.nodes, "bert_embedding",
+        [helper.make_tensor_value_info(ids, TensorProto.INT64, [1, seq_len]),
+         helper.make_tensor_value_info(mask, TensorProto.INT64, [1, seq_len])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [1, dim])],
+        g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out_path))
