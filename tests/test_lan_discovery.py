@@ -145,3 +145,15 @@ def test_txt_record_fits_and_names_are_labels():
     assert all(len(k) <= 9 for k in txt)
     name = instance_name("ä" * 40)
     assert len(name.encode()) <= 63 and name == "ä" * 31
+
+
+def test_client_imports_without_model_runtimes():
+    """An agent's laptop installs the client without llama.cpp, numpy or the NPU runtime."""
+    code = ("import sys\n"
+            "for mod in ('llama_cpp', 'numpy', 'rknnlite', 'onnxruntime', 'apsw'):\n"
+            "    sys.modules[mod] = None  # importing it would now fail\n"
+            "from npuserve.daemon.client import AsyncClient, Client, discover\n"
+            "print('ok')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
