@@ -82,6 +82,14 @@ _MODEL: dict[str, Key] = {
     "device": Key(str, "auto", "where it runs", ("auto", "npu", "cpu")),
     "n_ctx": Key(int, 0, "context length in tokens (0: task default)", minimum=0),
     "threads": Key(int, 0, "CPU threads (0: one per core)", minimum=0),
+    "backend": Key(
+        str, "local", "local (llama.cpp / RKNN in a worker) or ollama (an Ollama-compatible"
+        " server such as rkllama)", ("local", "ollama")),
+    "ollama_url": Key(str, "", "backend = ollama: the server, e.g. http://127.0.0.1:8080"),
+    "ollama_model": Key(str, "", "backend = ollama: the model name on that server"),
+    "ollama_timeout": Key(float, 120.0, "backend = ollama: seconds per call", minimum=1.0),
+    "ollama_retries": Key(int, 2, "backend = ollama: retries on 429/5xx and connection"
+                          " errors", minimum=0),
     "cpu_path": Key(
         str, "", "GGUF twin used on the CPU when an NPU model directory cannot run"
         " (empty: the prepared default for this task)"),

@@ -28,7 +28,11 @@ KINDS = {
     ("rerank", "cpu"): "llama_cpp_generative",
     ("expand", "cpu"): "llama_cpp_generative",
     ("embed", "npu"): "rknn_embed",
+    ("embed", "remote"): "ollama",
+    ("rerank", "remote"): "ollama",
+    ("expand", "remote"): "ollama",
 }
+OLLAMA_OPTIONS = ("ollama_url", "ollama_model", "ollama_timeout", "ollama_retries")
 
 
 @dataclass
@@ -122,6 +126,17 @@ def _add(plans: dict[str, ModelPlan], task: str, device: str, path: Path, name: 
     return plan
 
 
+def _plan_remote(plans: dict[str, ModelPlan], task: str, mc: ModelConfig) -> str:
+    """A task served by an Ollama-compatible server (rkllama on the NPU, say)."""
+    url, model = mc.options["ollama_url"], mc.options["ollama_model"]
+    if not url or not model:
+        raise ConfigError(f"models.{task}: backend = ollama needs ollama_url and ollama_model")
+    options = _task_options(task, mc, {}) | {k: mc.options[k] for k in OLLAMA_OPTIONS}
+    plan = _add(plans, task, "remote", Path(model), mc.name or model, mc, options,
+                f"Ollama-compatible server at {url}")
+    return plan.spec.model_id
+
+
 def plan_models(cfg: Config) -> tuple[dict[str, ModelPlan], dict[str, str]]:
     """Models keyed by id, and the model id serving each task."""
     plans: dict[str, ModelPlan] = {}
@@ -129,6 +144,9 @@ def plan_models(cfg: Config) -> tuple[dict[str, ModelPlan], dict[str, str]]:
     npu: NpuStatus | None = None
     for task in TASKS:
         mc = cfg.model(task)
+        if mc.options["backend"] == "ollama":
+            task_model[task] = _plan_remote(plans, task, mc)
+            continue
         path, name, model_defaults = _resolve_path(cfg, mc)
         options = _task_options(task, mc, model_defaults)
         if not _is_npu_dir(path):

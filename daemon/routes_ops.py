@@ -18,7 +18,7 @@ HEALTH_TASK_NAMES = {"embed": "embed", "rerank": "rerank", "expand": "generate"}
 
 def model_problem(sched: Scheduler, model: ModelState) -> str | None:
     """Why this model cannot serve now, or None."""
-    if not os.path.exists(model.plan.spec.path):
+    if model.plan.spec.kind != "ollama" and not os.path.exists(model.plan.spec.path):
         return (f"{model.plan.name}: model file {model.plan.spec.path} not found;"
                 " run `npuserve models prepare`")
     if model.state == "failed" and time.monotonic() < model.retry_at:
