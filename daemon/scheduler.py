@@ -420,11 +420,19 @@ class Lane:
             total = first.items
             while model.queue and isinstance(model.queue[0].request, wp.Embed):
                 nxt = model.queue[0]
-                if total + nxt.items > limit:
+                if total + nxt.items > limit or not self._may_coalesce(model, nxt):
                     break
                 jobs.append(model.queue.popleft())
                 total += nxt.items
         return jobs
+
+    def _may_coalesce(self, model: ModelState, job: Job) -> bool:
+        """fifo (the comparison baseline) serves strictly in arrival order: a job joins
+        the batch only if no other model's request is older."""
+        if self.sched.switching != "fifo":
+            return True
+        return all(not m.queue or m.queue[0].enqueued >= job.enqueued
+                   for m in self.models.values() if m is not model)
 
     async def _run_batch(self, model: ModelState) -> None:
         jobs = self._take(model)
