@@ -61,9 +61,13 @@ _SCHEDULER: dict[str, Key] = {
         float, 300.0, "seconds an idle model stays loaded (0: unload at once, <0: never)"
     ),
     "aging_ms": Key(
-        float, 10000.0, "a queue whose head waited this long preempts the resident model's"
-        " visit (visits are gated, so this only matters under a flood)", minimum=0
+        float, 10000.0, "a queue whose head waited this long takes the device next, however"
+        " busy the resident model is", minimum=0
     ),
+    "switch_hysteresis_ms": Key(
+        float, 2000.0, "another queue's oldest request must be this much older than the"
+        " resident model's before the device switches (at least two measured swaps)",
+        minimum=0),
     "coalesce_texts": Key(int, 64, "most texts merged into one embedding call", minimum=1),
     "max_queue": Key(int, 4096, "most queued items before 503", minimum=1),
     "request_timeout": Key(

@@ -131,8 +131,7 @@ class Lane:
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.baseline_rss: int | None = None
-        self.serving: str | None = None  # the model whose visit is under way
-        self.gate = 0.0  # requests queued before this instant belong to the visit
+        self.serving: str | None = None  # the model served last
         self.swaps = 0
         self.recycles = 0
         self.crashes = 0
@@ -142,11 +141,12 @@ class Lane:
     def pick(self, now: float) -> ModelState | None:
         """The model to serve next.
 
-        fifo: the model of the oldest request. aging (gated service): the model
-        being served keeps the device for the requests that were queued when its
-        visit began; then the queue with the oldest head goes next. A queue whose
-        head has waited past the aging bound preempts even a gated visit, so a
-        flood for one model cannot starve another.
+        fifo: the model of the oldest request. aging (default): the resident model
+        keeps the device while its oldest request is not much younger than another
+        queue's oldest - "much" being the switch hysteresis, at least a few swaps'
+        worth - so requests that arrive while a model is resident ride along instead
+        of forcing a swap each. A head that has waited past the aging bound switches
+        at once, so a flood for one model cannot starve another.
         """
         waiting = [m for m in self.models.values() if m.queue]
         if not waiting:
@@ -159,17 +159,16 @@ class Lane:
         others = [m for m in waiting if m is not serving]
         if not others:
             return serving
-        starved = [m for m in others if m.head_age(now) > self.sched.aging_bound(serving, m)]
-        if starved:
-            return max(starved, key=lambda m: m.head_age(now))
-        if serving.queue[0].enqueued <= self.gate:
-            return serving
-        return max(others, key=lambda m: m.head_age(now))
+        other = max(others, key=lambda m: m.head_age(now))
+        age = other.head_age(now)
+        if age > self.sched.aging_bound(serving, other):
+            return other
+        if age > serving.head_age(now) + self.sched.hysteresis(serving, other):
+            return other
+        return serving
 
-    def begin_visit(self, model: ModelState, now: float) -> None:
-        if model.model_id != self.serving:
-            self.serving = model.model_id
-            self.gate = now
+    def begin_visit(self, model: ModelState) -> None:
+        self.serving = model.model_id
 
     # --- loop ---------------------------------------------------------------
 
@@ -199,7 +198,7 @@ class Lane:
                 continue
             if not await self._ensure_loaded(model):
                 continue
-            self.begin_visit(model, now)
+            self.begin_visit(model)
             await self._run_batch(model)
 
     def _busy(self) -> bool:
@@ -588,6 +587,7 @@ class Scheduler:
         self.policy = cfg.get("scheduler.policy")
         self.keep_alive = float(cfg.get("scheduler.keep_alive"))
         self.aging_s = float(cfg.get("scheduler.aging_ms")) / 1000.0
+        self.hysteresis_s = float(cfg.get("scheduler.switch_hysteresis_ms")) / 1000.0
         self.coalesce_texts = int(cfg.get("scheduler.coalesce_texts"))
         self.max_queue = int(cfg.get("scheduler.max_queue"))
         self.request_timeout = float(cfg.get("scheduler.request_timeout"))
@@ -710,6 +710,11 @@ class Scheduler:
         are slow, so that switching never costs more than a small share of time."""
         swap = self._swap_seconds(waiting) + self._swap_seconds(serving)
         return max(self.aging_s, AGING_SWAP_FACTOR * swap)
+
+    def hysteresis(self, serving: ModelState, waiting: ModelState) -> float:
+        """How much older another queue's head must be before the device switches."""
+        swap = self._swap_seconds(waiting) + self._swap_seconds(serving)
+        return max(self.hysteresis_s, 2.0 * swap)
 
     def _swap_seconds(self, model: ModelState) -> float:
         """Cost of making `model` resident: its load (cold loads get the allowance)."""

@@ -57,10 +57,11 @@ async def test_aging_bound_prevents_starvation(make_client):
     assert _sched(client).metrics["loads"] >= 3  # embed -> rerank -> embed again
 
 
-async def test_gated_visit_serves_other_queue_before_later_arrivals(make_client):
-    """Even with the aging bound out of reach, a visit only covers the requests queued
-    when it began: embeds that arrive after the rerank are served after it."""
-    client = await make_client(scheduler__aging_ms="1000000", scheduler__coalesce_texts="32")
+async def test_hysteresis_serves_the_older_request_of_another_model(make_client):
+    """With the aging bound out of reach, the rerank still goes before embeds that
+    arrived well after it (once it is older than their head by the hysteresis)."""
+    client = await make_client(scheduler__aging_ms="1000000", scheduler__coalesce_texts="32",
+                               scheduler__switch_hysteresis_ms="500")
     before, after = await _flood_then_rerank(client)
     assert after > 100, (before, after)
 
