@@ -57,16 +57,23 @@ def wait_ready(url: str) -> None:
     raise TimeoutError(url)
 
 
-def bench_daemon_embed(state_dir: Path, texts: list[str], rounds: int) -> float:
+def start_daemon(state_dir: Path, settings: list[str]) -> tuple[subprocess.Popen[bytes], str]:
+    """`npuserve serve` on a free loopback port; returns the process and its base URL."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("NPUSERVE_")}
+    sets = [a for s in settings for a in ("--set", s)]
     proc = subprocess.Popen(
         [sys.executable, "-m", "npuserve.daemon.cli", "serve", "--state-dir", str(state_dir),
-         "--port", str(port), "--set", "scheduler.keep_alive=-1"],
+         "--port", str(port), *sets],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    wait_ready(base + "/health")
+    return proc, base
+
+
+def bench_daemon_embed(state_dir: Path, texts: list[str], rounds: int) -> float:
+    proc, base = start_daemon(state_dir, ["scheduler.keep_alive=-1"])
     try:
-        base = f"http://127.0.0.1:{port}"
-        wait_ready(base + "/health")
         post(base + "/embed-batch", {"texts": texts[:4]})  # load + warm up
         best = 0.0
         for r in range(rounds):

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import free_port, post, wait_ready  # noqa: E402
+from bench_core import post, start_daemon  # noqa: E402
 
 VOCAB = ("package kernel module network socket process memory file system disk archive "
          "compress search index vector query token model embed rerank device thread queue "
@@ -58,16 +56,10 @@ def ingest_and_query(models_dir: Path, chunks_wanted: int, chunk_tokens: int) ->
         state = Path(tmp) / "state"
         state.mkdir()
         (state / "models").symlink_to(models_dir)
-        port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("NPUSERVE_")}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "npuserve.daemon.cli", "serve", "--state-dir", str(state),
-             "--port", str(port), "--set", f"index.chunk_tokens={chunk_tokens}",
-             "--set", "models.expand.max_tokens=48", "--set", "scheduler.keep_alive=-1"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        base = f"http://127.0.0.1:{port}"
+        proc, base = start_daemon(state, [f"index.chunk_tokens={chunk_tokens}",
+                                          "models.expand.max_tokens=48",
+                                          "scheduler.keep_alive=-1"])
         try:
-            wait_ready(base + "/health")
             post(base + "/collections", {"name": "bench"})
             # One document per chunk: ~chunk_tokens words stays within one chunk.
             words = max(8, int(chunk_tokens * 0.6))

@@ -23,7 +23,6 @@ import os
 import random
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,7 +32,7 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import free_port, passage, wait_ready  # noqa: E402
+from bench_core import passage, start_daemon  # noqa: E402
 
 TOPICS = ["debian kernel modules", "apt package signatures", "systemd unit hardening",
           "sqlite full text search", "mdns service discovery", "npu model conversion",
@@ -123,16 +122,8 @@ def run_policy(name: str, models_dir: Path, settings: list[str], clients: int,
         state = Path(tmp) / "state"
         state.mkdir()
         (state / "models").symlink_to(models_dir)
-        port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("NPUSERVE_")}
-        sets = [a for s in settings for a in ("--set", s)]
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "npuserve.daemon.cli", "serve", "--state-dir", str(state),
-             "--port", str(port), *sets],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        base = f"http://127.0.0.1:{port}"
+        proc, base = start_daemon(state, settings)
         try:
-            wait_ready(base + "/health")
             sampler = PeakSampler(proc.pid)
             sampler.start()
             wall, lat = asyncio.run(workload(base, clients, queries, think))

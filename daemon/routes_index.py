@@ -179,17 +179,25 @@ async def bm25_search(request: web.Request) -> web.Response:
     return web.json_response({"results": out, "total": len(out)})
 
 
+async def _search_body(request: web.Request, default_limit: int
+                       ) -> tuple[dict[str, Any], str, int, str | None]:
+    """(body, query, limit, collection) of a POSTed search, validated."""
+    body = await read_object(request)
+    limits = services(request).limits
+    query = text_field(body, "query", limits)
+    limit = optional_int(body, "limit", 1, MAX_LIMIT) or default_limit
+    collection = optional_str(body, "collection", limits)
+    if collection:
+        check_collection_name(collection)
+    return body, str(query), limit, collection
+
+
 @routes.post("/vsearch")
 @with_index_errors
 async def vector_search(request: web.Request) -> web.Response:
     index = index_of(request)
     svc = services(request)
-    body = await read_object(request)
-    query = text_field(body, "query", svc.limits)
-    limit = optional_int(body, "limit", 1, MAX_LIMIT) or 20
-    collection = optional_str(body, "collection", svc.limits)
-    if collection:
-        check_collection_name(collection)
+    _, query, limit, collection = await _search_body(request, 20)
     vectors, _, _, _ = await svc.scheduler.embed([query_text(query)])
     stored_model, stored_dim = await asyncio.to_thread(index.store.vector_model)
     query_model = svc.scheduler.model_name("embed")
@@ -211,12 +219,7 @@ async def vector_search(request: web.Request) -> web.Response:
 async def query(request: web.Request) -> web.Response:
     index = index_of(request)
     svc = services(request)
-    body = await read_object(request)
-    text = text_field(body, "query", svc.limits)
-    limit = optional_int(body, "limit", 1, MAX_LIMIT) or 10
-    collection = optional_str(body, "collection", svc.limits)
-    if collection:
-        check_collection_name(collection)
+    body, text, limit, collection = await _search_body(request, 10)
     intent = optional_str(body, "intent", svc.limits)
     result = await hybrid_query(index.store, svc.scheduler, text, limit, collection, intent)
     return web.json_response(result)
