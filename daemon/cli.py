@@ -111,10 +111,11 @@ def is_loopback(host: str) -> bool:
             return False
 
 
-def cmd_serve(cfg: Config) -> int:
+def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
     from .server import run_server
 
-    return asyncio.run(run_server(cfg))
+    # SIGHUP re-reads the same file, environment and flags.
+    return asyncio.run(run_server(cfg, load=lambda: _load(args)))
 
 
 def cmd_prepare(cfg: Config) -> int:
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration OK ({cfg.source})")
         return 0
     if args.command == "serve":
-        return cmd_serve(cfg)
+        return cmd_serve(cfg, args)
     if args.command == "models":
         return cmd_prepare(cfg) if args.models_command == "prepare" else cmd_list(cfg)
     if args.command == "doctor":

@@ -585,15 +585,7 @@ class Scheduler:
         self.task_model = task_model
         self.log_level = log_level
         self.policy = cfg.get("scheduler.policy")
-        self.keep_alive = float(cfg.get("scheduler.keep_alive"))
-        self.aging_s = float(cfg.get("scheduler.aging_ms")) / 1000.0
-        self.hysteresis_s = float(cfg.get("scheduler.switch_hysteresis_ms")) / 1000.0
-        self.coalesce_texts = int(cfg.get("scheduler.coalesce_texts"))
-        self.max_queue = int(cfg.get("scheduler.max_queue"))
-        self.request_timeout = float(cfg.get("scheduler.request_timeout"))
-        self.reserve_bytes = int(float(cfg.get("scheduler.memory_reserve_mb")) * 1024 * 1024)
-        self.deadline_multiplier = float(cfg.get("scheduler.deadline_multiplier"))
-        self.deadline_floor = float(cfg.get("scheduler.deadline_floor"))
+        self.apply_tunables(cfg)
         self.switching = cfg.get("scheduler.switching")
         self.npu_threshold = int(cfg.get("npu.failure_threshold"))
         self.npu_reprobe = float(cfg.get("npu.reprobe_seconds"))
@@ -608,6 +600,21 @@ class Scheduler:
             lane.models[mid] = ModelState(
                 plan, costs=self.calibration.costs(mid),
                 task_costs={t: self.calibration.costs(f"{mid}/{t}") for t in plan.tasks})
+
+    def apply_tunables(self, cfg: Config) -> None:
+        """Settings that may change while running (SIGHUP): timing and queue limits.
+        Models, devices and the residency policy need a restart."""
+        self.cfg = cfg
+        self.keep_alive = float(cfg.get("scheduler.keep_alive"))
+        self.aging_s = float(cfg.get("scheduler.aging_ms")) / 1000.0
+        self.hysteresis_s = float(cfg.get("scheduler.switch_hysteresis_ms")) / 1000.0
+        self.coalesce_texts = int(cfg.get("scheduler.coalesce_texts"))
+        self.max_queue = int(cfg.get("scheduler.max_queue"))
+        self.request_timeout = float(cfg.get("scheduler.request_timeout"))
+        self.reserve_bytes = int(float(cfg.get("scheduler.memory_reserve_mb")) * 1024 * 1024)
+        self.deadline_multiplier = float(cfg.get("scheduler.deadline_multiplier"))
+        self.deadline_floor = float(cfg.get("scheduler.deadline_floor"))
+
 
     # --- lifecycle ------------------------------------------------------------
 

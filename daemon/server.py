@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 
 from aiohttp import web
 
 from .app import VERSION, build_app
-from .config import Config
+from .config import Config, ConfigError
 from .mdns import Advertiser
 from .model_registry import plan_models
 from .scheduler import Scheduler
+from .sd_notify import notify, watchdog_interval, watchdog_loop
 
 log = logging.getLogger("npuserve")
 
@@ -63,7 +65,38 @@ async def _advertise(cfg: Config, scheduler: Scheduler, host: str, port: int) ->
     return advertiser
 
 
-async def run_server(cfg: Config) -> int:
+RELOADABLE_PREFIXES = ("scheduler.", "server.api_key", "server.max_batch",
+                       "server.max_text_chars", "log_level")
+
+
+def reload_config(app: web.Application, scheduler: Scheduler, load: Callable[[], Config]) -> None:
+    """SIGHUP: re-read the configuration and apply what is safe to change live."""
+    from .app import SERVICES
+    from .validation import Limits
+
+    services = app[SERVICES]
+    try:
+        new = load()
+    except ConfigError as exc:
+        log.error("reload refused, configuration unchanged: %s", exc)
+        return
+    old = services.cfg
+    changed = [k for k in new.values if new.values[k] != old.values.get(k)]
+    live = [k for k in changed if k.startswith(RELOADABLE_PREFIXES)
+            and k not in ("scheduler.policy", "scheduler.switching")]
+    later = [k for k in changed if k not in live]
+    merged = Config(values={**old.values, **{k: new.values[k] for k in live}}, source=new.source)
+    services.cfg = merged
+    services.limits = Limits(int(merged.get("server.max_batch")),
+                             int(merged.get("server.max_text_chars")))
+    scheduler.apply_tunables(merged)
+    logging.getLogger().setLevel(str(merged.get("log_level")).upper())
+    log.info("configuration reloaded: applied %s", ", ".join(live) or "nothing")
+    if later:
+        log.warning("these changes need a restart: %s", ", ".join(later))
+
+
+async def run_server(cfg: Config, load: Callable[[], Config] | None = None) -> int:
     scheduler = create_scheduler(cfg)
     app = build_app(cfg, scheduler)
     host, port = cfg.get("server.host"), int(cfg.get("server.port"))
@@ -84,12 +117,20 @@ async def run_server(cfg: Config) -> int:
         m = scheduler.model_state(task)
         log.info("  %-6s -> %s on %s (%s)", task, m.plan.name, m.plan.device, m.plan.spec.path)
     advertiser = await _advertise(cfg, scheduler, host, actual_port)
+    notify("READY=1", f"STATUS=listening on {host}:{actual_port}")
+    interval = watchdog_interval()
+    watchdog = asyncio.create_task(watchdog_loop(interval)) if interval else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if load is not None:
+        loop.add_signal_handler(signal.SIGHUP, reload_config, app, scheduler, load)
     await stop.wait()
     log.info("stopping: finishing in-flight requests")
+    notify("STOPPING=1", "STATUS=finishing in-flight requests")
+    if watchdog is not None:
+        watchdog.cancel()
     if advertiser is not None:
         await advertiser.stop()
     await runner.cleanup()
