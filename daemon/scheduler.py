@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -534,8 +536,6 @@ class Lane:
 
 def _retarget(req: wp.Request, model_id: str) -> wp.Request:
     """The same request for another model (the CPU twin)."""
-    import dataclasses
-
     return dataclasses.replace(req, model_id=model_id)  # type: ignore[type-var]
 
 
@@ -772,7 +772,6 @@ class Scheduler:
         if model.rss:
             return model.rss
         try:
-            import os
             return os.path.getsize(model.plan.spec.path) + 64 * 1024 * 1024
         except OSError:
             return 0
