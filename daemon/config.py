@@ -52,6 +52,8 @@ _SERVER: dict[str, Key] = {
     "max_batch": Key(int, 512, "most texts or documents in one request", minimum=1),
     "max_text_chars": Key(int, 100_000, "longest single text in characters", minimum=1),
     "shutdown_timeout": Key(float, 30.0, "seconds in-flight requests get on SIGTERM", minimum=0),
+    "preload": Key(str, "", "tasks whose models load before the service reports ready,"
+                   " comma-separated, e.g. \"embed\" (empty: load on first use)"),
 }
 _SCHEDULER: dict[str, Key] = {
     "policy": Key(
@@ -291,7 +293,15 @@ def load_config(
         )
     if not values["state_dir"]:
         values["state_dir"] = str(default_state_dir(env))
+    unknown = set(preload_tasks(values["server.preload"])) - set(TASK_CTX_DEFAULT)
+    if unknown:
+        raise ConfigError(f"server.preload: unknown task(s) {', '.join(sorted(unknown))};"
+                          f" choose from {', '.join(TASK_CTX_DEFAULT)}")
     return Config(values=values, source=source)
+
+
+def preload_tasks(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 _ENV_INDEX = {env_name(p): p for p in FLAT_SCHEMA}

@@ -285,6 +285,9 @@ class Lane:
         if self.baseline_rss is None or not self.resident:
             self.baseline_rss = reply.rss_before
         model.state, model.error, model.failures = "ready", None, 0
+        # keep_alive counts from the load too: a preloaded model with nothing queued yet
+        # must not look idle since start-up and be unloaded at once.
+        model.last_used = time.monotonic()
         model.loads += 1
         model.load_seconds_total += reply.seconds
         model.costs.observe_load(reply.seconds)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from .app import VERSION, build_app
-from .config import Config, ConfigError
+from .config import Config, ConfigError, preload_tasks
 from .mdns import Advertiser
 from .model_registry import plan_models
 from .scheduler import Scheduler
@@ -96,6 +96,23 @@ def reload_config(app: web.Application, scheduler: Scheduler, load: Callable[[],
         log.warning("these changes need a restart: %s", ", ".join(later))
 
 
+async def _preload(cfg: Config, scheduler: Scheduler) -> None:
+    """Load the configured models before READY=1, asking systemd for each load's calibrated
+    allowance (EXTEND_TIMEOUT_USEC) so a slow first load on a board is not killed by
+    TimeoutStartSec. Requests that arrive meanwhile are queued as usual. A failed load is
+    logged and reported by /health; the daemon serves anyway."""
+    for task in preload_tasks(cfg.get("server.preload")):
+        model = scheduler.model_state(task)
+        allowance = scheduler.load_allowance(model)
+        notify(f"EXTEND_TIMEOUT_USEC={int(allowance * 1e6)}",
+               f"STATUS=loading {model.plan.name} for {task} on {model.plan.device}")
+        try:
+            state = await asyncio.wait_for(scheduler.control("load", model), allowance)
+            log.info("preloaded %s (%s): %s", task, model.plan.name, state)
+        except Exception as exc:  # any failure: serve anyway, /health says why
+            log.warning("preload of %s (%s) failed: %s", task, model.plan.name, exc)
+
+
 async def run_server(cfg: Config, load: Callable[[], Config] | None = None) -> int:
     scheduler = create_scheduler(cfg)
     app = build_app(cfg, scheduler)
@@ -116,10 +133,11 @@ async def run_server(cfg: Config, load: Callable[[], Config] | None = None) -> i
     for task in ("embed", "rerank", "expand"):
         m = scheduler.model_state(task)
         log.info("  %-6s -> %s on %s (%s)", task, m.plan.name, m.plan.device, m.plan.spec.path)
-    advertiser = await _advertise(cfg, scheduler, host, actual_port)
-    notify("READY=1", f"STATUS=listening on {host}:{actual_port}")
     interval = watchdog_interval()
     watchdog = asyncio.create_task(watchdog_loop(interval)) if interval else None
+    await _preload(cfg, scheduler)
+    advertiser = await _advertise(cfg, scheduler, host, actual_port)
+    notify("READY=1", f"STATUS=listening on {host}:{actual_port}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -128,7 +146,11 @@ async def run_server(cfg: Config, load: Callable[[], Config] | None = None) -> i
         loop.add_signal_handler(signal.SIGHUP, reload_config, app, scheduler, load)
     await stop.wait()
     log.info("stopping: finishing in-flight requests")
-    notify("STOPPING=1", "STATUS=finishing in-flight requests")
+    # Ask systemd for the configured drain time (plus a margin to stop the workers)
+    # so a long shutdown is not cut short by TimeoutStopSec.
+    drain = float(cfg.get("server.shutdown_timeout")) + 10.0
+    notify("STOPPING=1", f"EXTEND_TIMEOUT_USEC={int(drain * 1e6)}",
+           "STATUS=finishing in-flight requests")
     if watchdog is not None:
         watchdog.cancel()
     if advertiser is not None:

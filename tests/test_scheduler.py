@@ -142,6 +142,14 @@ async def test_keep_alive_unloads_idle_model(make_client):
     assert not lane.resident and sched.model_state("embed").unloads == 1
 
 
+async def test_preloaded_model_stays_for_keep_alive(make_client):
+    client = await make_client(scheduler__keep_alive="60")
+    lane = _sched(client).lanes["cpu"]
+    assert (await client.post("/admin/models/embed/load")).status == 200
+    await asyncio.sleep(0.5)  # the lane has run its idle check by now
+    assert len(lane.resident) == 1, "a preloaded model must not count as idle since start-up"
+
+
 async def _peak_worker_rss(client, rounds: int = 3) -> int:
     lane = _sched(client).lanes["cpu"]
     peak = 0

@@ -3,6 +3,7 @@ the notify protocol as a real daemon speaks it."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -50,6 +52,8 @@ def test_unit_security_exposure_at_most_2_5(unit_here: Path):
 
 
 def test_daemon_speaks_the_notify_protocol(state_dir: Path, tmp_path: Path):
+    """READY=1 comes after the preloaded model is resident, preceded by EXTEND_TIMEOUT_USEC
+    for that load; WATCHDOG=1 flows throughout; STOPPING=1 extends the stop timeout."""
     sock_path = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(sock_path))
@@ -58,13 +62,18 @@ def test_daemon_speaks_the_notify_protocol(state_dir: Path, tmp_path: Path):
     env.update(NOTIFY_SOCKET=str(sock_path), WATCHDOG_USEC="400000")
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "npuserve.daemon.cli", "serve",
-                             "--state-dir", str(state_dir), "--port", str(port)],
+                             "--state-dir", str(state_dir), "--port", str(port),
+                             "--set", "server.preload=embed"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     messages: list[str] = []
+    resident_at_ready: list[str] = []
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and sum("WATCHDOG=1" in m for m in messages) < 3:
             messages.append(sock.recv(4096).decode())
+            if "READY=1" in messages[-1]:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/ps", timeout=10) as r:
+                    resident_at_ready = [m["name"] for m in json.load(r)["models"]]
         proc.send_signal(signal.SIGTERM)
         while "STOPPING=1" not in "".join(messages):
             messages.append(sock.recv(4096).decode())
@@ -75,7 +84,11 @@ def test_daemon_speaks_the_notify_protocol(state_dir: Path, tmp_path: Path):
         sock.close()
     ready = [m for m in messages if "READY=1" in m]
     assert ready and f"STATUS=listening on 127.0.0.1:{port}" in ready[0]
-    assert messages.index(ready[0]) < next(i for i, m in enumerate(messages) if "WATCHDOG" in m)
+    extend = next(i for i, m in enumerate(messages) if "EXTEND_TIMEOUT_USEC=" in m)
+    assert extend < messages.index(ready[0]) and "STATUS=loading" in messages[extend]
+    assert len(resident_at_ready) == 1, resident_at_ready  # the embedding model, loaded
+    stopping = next(m for m in messages if "STOPPING=1" in m)
+    assert re.search(r"EXTEND_TIMEOUT_USEC=4\d{7}\b", stopping), stopping  # 30 s + 10 s
     assert sum("WATCHDOG=1" in m for m in messages) >= 3
     assert proc.returncode == 0, out
 
