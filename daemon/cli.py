@@ -189,6 +189,9 @@ def cmd_doctor(cfg: Config) -> int:
 
     has_llama = importlib.util.find_spec("llama_cpp") is not None
     print(f"llama-cpp-python (CPU backend): {'installed' if has_llama else 'MISSING'}")
+    if not has_llama:
+        print("    fix: pip install llama-cpp-python (it compiles llama.cpp: minutes on a board;"
+              " the Debian package ships it built)")
     plans, task_model = plan_models(cfg)
     ok = has_llama
     for task, mid in task_model.items():

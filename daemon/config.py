@@ -19,7 +19,7 @@ from typing import Any
 SYSTEM_CONFIG = Path("/etc/npuserve/config.toml")
 ENV_PREFIX = "NPUSERVE_"
 # Variables that are not config keys but are still ours.
-ENV_NON_KEYS = {"NPUSERVE_CONFIG", "NPUSERVE_LOG_LEVEL"}
+ENV_NON_KEYS = {"NPUSERVE_CONFIG", "NPUSERVE_LOG_LEVEL", "NPUSERVE_WORKER_PYTHON"}
 
 DEFAULT_RERANK_TEMPLATE = (
     "<|im_start|>system\nJudge whether the Document meets the requirements based on the "

