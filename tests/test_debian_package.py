@@ -56,6 +56,8 @@ def sh(*cmd: str | Path, check: bool = True, timeout: float = 900) -> subprocess
 @pytest.fixture(scope="module")
 def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _require()
+    if os.environ.get("NPUSERVE_DEB"):  # a package built beforehand (the arm64 workflow)
+        return Path(os.environ["NPUSERVE_DEB"]).resolve()
     out = tmp_path_factory.mktemp("dist")
     sh("/usr/bin/python3", ROOT / "packaging" / "build_deb.py", "--out", out,
        "--work", out / "work")
