@@ -23,7 +23,7 @@ from .validation import InvalidRequest, Limits
 
 log = logging.getLogger("npuserve.http")
 VERSION = "0.1.0"
-PUBLIC_PATHS = frozenset({"/health"})
+PUBLIC_PATHS = frozenset({"/health", "/openapi.json"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 

@@ -20,6 +20,7 @@ SYSTEM_CONFIG = Path("/etc/npuserve/config.toml")
 ENV_PREFIX = "NPUSERVE_"
 # Variables that are not config keys but are still ours.
 ENV_NON_KEYS = {"NPUSERVE_CONFIG", "NPUSERVE_LOG_LEVEL", "NPUSERVE_WORKER_PYTHON"}
+ENV_TEST_PREFIX = "NPUSERVE_TEST_"  # the test suite's own settings, not config keys
 
 DEFAULT_RERANK_TEMPLATE = (
     "<|im_start|>system\nJudge whether the Document meets the requirements based on the "
@@ -282,7 +283,8 @@ def load_config(
         values.update(_read_file(Path(path)))
         source = str(path)
     for name, text in env.items():
-        if not name.startswith(ENV_PREFIX) or name in ENV_NON_KEYS:
+        if (not name.startswith(ENV_PREFIX) or name in ENV_NON_KEYS
+                or name.startswith(ENV_TEST_PREFIX)):
             continue
         key_path = _env_to_path(name)
         values[key_path] = _coerce(f"{name} ({key_path})", FLAT_SCHEMA[key_path], text,

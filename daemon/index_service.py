@@ -83,7 +83,8 @@ class IndexService:
         title = raw.get("title")
         if title is not None and not isinstance(title, str):
             raise IndexError_(f"{path}: title must be a string")
-        metadata = raw.get("metadata", {})
+        metadata = raw.get("metadata")
+        metadata = {} if metadata is None else metadata  # null: none, as when left out
         if not isinstance(metadata, dict):
             raise IndexError_(f"{path}: metadata must be an object")
         if len(repr(metadata)) > MAX_METADATA_CHARS:

@@ -1,4 +1,4 @@
-"""Operations: /health (public), /metrics (Prometheus text)."""
+"""Operations: /health and /openapi.json (public), /metrics (Prometheus text)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from aiohttp import web
 
 from .app import VERSION, services
 from .metrics import Labels
+from .openapi import openapi_document
 from .scheduler import ModelState, Scheduler
 
 routes = web.RouteTableDef()
@@ -24,6 +25,11 @@ def model_problem(sched: Scheduler, model: ModelState) -> str | None:
     if model.state == "failed" and time.monotonic() < model.retry_at:
         return f"{model.plan.name}: load failed: {model.error}"
     return None
+
+
+@routes.get("/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document(services(request).limits))
 
 
 @routes.get("/health")

@@ -10,7 +10,7 @@ Not covered: llama-cpp-python (no aarch64 wheel; compiling it under emulation ta
 hours), so the CPU backends are unverified on aarch64 here; and no real NPU.
 
 Needs qemu-user-static and mmdebstrap (CI installs them); skipped without them unless
-NPUSERVE_REQUIRE_PACKAGING=1.
+NPUSERVE_TEST_REQUIRE_PACKAGING=1.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from npuserve.npu.embed_backend import NpuEmbedBackend
 from .conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-MIRROR = os.environ.get("NPUSERVE_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+MIRROR = os.environ.get("NPUSERVE_TEST_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 PLATFORMS = ["manylinux_2_36_aarch64", "manylinux_2_28_aarch64", "manylinux2014_aarch64"]
 # The runtime dependencies that have aarch64 wheels; llama-cpp-python has none. Listed by
 # hand because pip judges the `platform_machine == 'aarch64'` marker by this x86 host.
@@ -50,7 +50,7 @@ def _require() -> None:
     missing = [t for t in ("qemu-aarch64-static", "mmdebstrap") if shutil.which(t) is None]
     if missing:
         reason = f"needs {', '.join(missing)} (apt-get install qemu-user-static mmdebstrap)"
-        if os.environ.get("NPUSERVE_REQUIRE_PACKAGING") == "1":
+        if os.environ.get("NPUSERVE_TEST_REQUIRE_PACKAGING") == "1":
             pytest.fail(f"arm64 smoke test required but {reason}")
         pytest.skip(reason)
 

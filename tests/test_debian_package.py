@@ -3,7 +3,7 @@ Debian 12 root made by debootstrap, started there as the `npuserve` user with th
 config, upgraded with the config and state kept, purged with the state gone.
 
 Needs root, debootstrap, dpkg-deb and Debian's mirror; skipped without them unless
-NPUSERVE_REQUIRE_PACKAGING=1 (CI sets it), which turns a skip into a failure.
+NPUSERVE_TEST_REQUIRE_PACKAGING=1 (CI sets it), which turns a skip into a failure.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pytest
 from .conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-MIRROR = os.environ.get("NPUSERVE_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+MIRROR = os.environ.get("NPUSERVE_TEST_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "npuserve-tests"
 
 pytestmark = pytest.mark.slow
@@ -40,7 +40,7 @@ def _require() -> None:
     elif not Path("/usr/bin/python3").exists():
         reason = "needs Debian's /usr/bin/python3 to build the package"
     if reason:
-        if os.environ.get("NPUSERVE_REQUIRE_PACKAGING") == "1":
+        if os.environ.get("NPUSERVE_TEST_REQUIRE_PACKAGING") == "1":
             pytest.fail(f"packaging test required but {reason}")
         pytest.skip(reason)
 
@@ -56,8 +56,8 @@ def sh(*cmd: str | Path, check: bool = True, timeout: float = 900) -> subprocess
 @pytest.fixture(scope="module")
 def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _require()
-    if os.environ.get("NPUSERVE_DEB"):  # a package built beforehand (the arm64 workflow)
-        return Path(os.environ["NPUSERVE_DEB"]).resolve()
+    if os.environ.get("NPUSERVE_TEST_DEB"):  # a package built beforehand (the arm64 workflow)
+        return Path(os.environ["NPUSERVE_TEST_DEB"]).resolve()
     out = tmp_path_factory.mktemp("dist")
     sh("/usr/bin/python3", ROOT / "packaging" / "build_deb.py", "--out", out,
        "--work", out / "work")
@@ -221,7 +221,7 @@ def _rebuild_with_version(deb: Path, where: Path, version: str) -> Path:
 
 def test_lintian_clean_or_justified(deb: Path):
     if shutil.which("lintian") is None:
-        if os.environ.get("NPUSERVE_REQUIRE_PACKAGING") == "1":
+        if os.environ.get("NPUSERVE_TEST_REQUIRE_PACKAGING") == "1":
             pytest.fail("lintian is required (apt-get install lintian)")
         pytest.skip("lintian is not installed")
     res = sh("lintian", "--no-tag-display-limit", "--fail-on", "none", deb, timeout=1800)
