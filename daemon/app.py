@@ -19,11 +19,12 @@ from .config import Config
 from .metrics import Registry
 from .scheduler import Scheduler, Timing
 from .scheduler_errors import SchedulerError
-from .validation import InvalidRequest, Limits
+from .validation import BODY_TIMEOUT, InvalidRequest, Limits
 
 log = logging.getLogger("npuserve.http")
 VERSION = "0.1.0"
 PUBLIC_PATHS = frozenset({"/health", "/openapi.json"})
+DRAIN_ALLOWED = frozenset({"/health", "/metrics"})  # health says "shutting down" itself
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -36,6 +37,8 @@ class Services:
     max_body: int
     started: float
     index: Any = None  # IndexService; None while the index is off or could not open
+    draining: bool = False  # SIGTERM received: new requests get 503, in-flight ones finish
+    inflight: int = 0  # requests being handled now (the drain waits for these)
 
 
 SERVICES = web.AppKey("services", Services)
@@ -87,7 +90,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except InvalidRequest as exc:
-        return json_error(400, str(exc))
+        return json_error(exc.status, str(exc))
     except SchedulerError as exc:
         retry = exc.retry_after_header()
         return json_error(exc.status, str(exc), {"Retry-After": retry} if retry else None)
@@ -108,6 +111,21 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return json_error(500, "internal server error")
+
+
+@web.middleware
+async def drain_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """While shutting down: in-flight requests finish, new ones are told to go elsewhere
+    at once (503 + Retry-After, connection closed) instead of finding a closed socket."""
+    svc = services(request)
+    if svc.draining and request.path not in DRAIN_ALLOWED:
+        return json_error(503, "server is shutting down; retry on another server or later",
+                          {"Retry-After": "5", "Connection": "close"})
+    svc.inflight += 1
+    try:
+        return await handler(request)
+    finally:
+        svc.inflight -= 1
 
 
 @web.middleware
@@ -168,8 +186,10 @@ def build_app(cfg: Config, scheduler: Scheduler) -> web.Application:
     max_body = int(cfg.get("server.max_body_mb") * 1024 * 1024)
     app = web.Application(
         client_max_size=max_body,
-        middlewares=[metrics_middleware, cors_middleware, error_middleware, auth_middleware],
+        middlewares=[metrics_middleware, cors_middleware, error_middleware, drain_middleware,
+                     auth_middleware],
     )
+    app[BODY_TIMEOUT] = float(cfg.get("server.body_timeout"))
     app[SERVICES] = Services(
         cfg=cfg,
         scheduler=scheduler,

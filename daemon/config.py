@@ -54,6 +54,8 @@ _SERVER: dict[str, Key] = {
     "max_batch": Key(int, 512, "most texts or documents in one request", minimum=1),
     "max_text_chars": Key(int, 100_000, "longest single text in characters", minimum=1),
     "shutdown_timeout": Key(float, 30.0, "seconds in-flight requests get on SIGTERM", minimum=0),
+    "body_timeout": Key(float, 30.0, "seconds a client may take to send its request body"
+                        " (408 after)", minimum=0.1),
     "preload": Key(str, "", "tasks whose models load before the service reports ready,"
                    " comma-separated, e.g. \"embed\" (empty: load on first use)"),
 }

@@ -70,6 +70,30 @@ MIGRATIONS: list[str] = [
 ]
 
 
+class StorageError(Exception):
+    """The index could not be written (disk full, read-only, I/O error). The transaction
+    was rolled back: nothing of the request was stored. `status` is the HTTP answer."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def storage_error(exc: BaseException) -> StorageError | None:
+    """The client-facing form of an SQLite failure the client cannot fix by changing its
+    request, or None for anything else (a bug, which must surface as such)."""
+    import apsw
+
+    if isinstance(exc, apsw.FullError):
+        return StorageError("the disk holding the index is full; nothing was stored", 507)
+    if isinstance(exc, apsw.ReadOnlyError):
+        return StorageError("the index is read-only now; nothing was stored", 503)
+    if isinstance(exc, apsw.IOError | apsw.CantOpenError | apsw.BusyError):
+        return StorageError(f"the index could not be written ({type(exc).__name__});"
+                            " nothing was stored", 503)
+    return None
+
+
 class IndexDB:
     """One connection, used from worker threads one call at a time (a lock)."""
 
@@ -106,13 +130,33 @@ class IndexDB:
     def transaction(self) -> Iterator[Any]:
         """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error: all or nothing."""
         with self.lock:
-            self.conn.execute("BEGIN IMMEDIATE")
             try:
-                yield self.conn
-            except BaseException:
+                self.conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self.conn
+                except BaseException:
+                    self._rollback()
+                    raise
+                try:
+                    self.conn.execute("COMMIT")
+                except BaseException:
+                    self._rollback()
+                    raise
+            except Exception as exc:
+                translated = storage_error(exc)
+                if translated is None:
+                    raise
+                log.error("index write failed: %s", exc)
+                raise translated from exc
+
+    def _rollback(self) -> None:
+        # A full disk or a vanished file can make ROLLBACK fail too; SQLite has then
+        # rolled back already (the journal says what is committed).
+        try:
+            if not self.conn.getautocommit():
                 self.conn.execute("ROLLBACK")
-                raise
-            self.conn.execute("COMMIT")
+        except Exception as exc:  # the original error is the one to report
+            log.warning("rollback after a failed write: %s", exc)
 
     def read(self, fn: Callable[[Any], Any]) -> Any:
         with self.lock:

@@ -26,6 +26,7 @@ from . import index_search as search
 from .app import services
 from .embedder import query_text
 from .hybrid import hybrid_query
+from .index_db import StorageError
 from .index_service import IndexService
 from .index_store import IndexError_, check_collection_name
 from .routes_admin import runtime_view
@@ -57,6 +58,10 @@ def with_index_errors(handler: Handler) -> Handler:
             return await handler(request)
         except IndexError_ as exc:
             return web.json_response({"error": str(exc)}, status=exc.status)
+        except StorageError as exc:
+            # Disk full or read-only: the client may retry once an operator has fixed it.
+            return web.json_response({"error": str(exc)}, status=exc.status,
+                                     headers={"Retry-After": "30"})
     return wrapped
 
 

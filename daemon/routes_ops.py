@@ -56,6 +56,9 @@ async def health(request: web.Request) -> web.Response:
         "models": models,
         "devices": devices,
     }
+    if services(request).draining:
+        problems.insert(0, "shutting down")
+        body["ok"] = False
     if problems:
         body["error"] = "; ".join(problems)
         return web.json_response(body, status=503)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from .app import VERSION, build_app
+from .app import SERVICES, VERSION, build_app
 from .config import Config, ConfigError, preload_tasks
 from .mdns import Advertiser
 from .model_registry import plan_models
@@ -113,6 +113,31 @@ async def _preload(cfg: Config, scheduler: Scheduler) -> None:
             log.warning("preload of %s (%s) failed: %s", task, model.plan.name, exc)
 
 
+async def _until_stopped(work: Awaitable[None], stop: asyncio.Event) -> bool:
+    """Run `work` unless `stop` is set first (then cancel it). True when it finished."""
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    if not task.done():
+        task.cancel()
+        return False
+    return True
+
+
+async def _drain(app: web.Application, timeout: float) -> None:
+    """New requests are answered 503 from now on (they may go to another daemon at
+    once); the ones in flight get up to `timeout` seconds to finish."""
+    svc = app[SERVICES]
+    svc.draining = True
+    deadline = asyncio.get_running_loop().time() + timeout
+    while svc.inflight and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    if svc.inflight:
+        log.warning("%d requests still running after %.0fs; stopping anyway",
+                    svc.inflight, timeout)
+
+
 async def run_server(cfg: Config, load: Callable[[], Config] | None = None) -> int:
     scheduler = create_scheduler(cfg)
     app = build_app(cfg, scheduler)
@@ -133,28 +158,31 @@ async def run_server(cfg: Config, load: Callable[[], Config] | None = None) -> i
     for task in ("embed", "rerank", "expand"):
         m = scheduler.model_state(task)
         log.info("  %-6s -> %s on %s (%s)", task, m.plan.name, m.plan.device, m.plan.spec.path)
-    interval = watchdog_interval()
-    watchdog = asyncio.create_task(watchdog_loop(interval)) if interval else None
-    await _preload(cfg, scheduler)
-    advertiser = await _advertise(cfg, scheduler, host, actual_port)
-    notify("READY=1", f"STATUS=listening on {host}:{actual_port}")
+    # Signals first: a SIGTERM during a long first load must stop cleanly, not kill.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if load is not None:
         loop.add_signal_handler(signal.SIGHUP, reload_config, app, scheduler, load)
-    await stop.wait()
+    interval = watchdog_interval()
+    watchdog = asyncio.create_task(watchdog_loop(interval)) if interval else None
+    advertiser = None
+    if await _until_stopped(_preload(cfg, scheduler), stop):
+        advertiser = await _advertise(cfg, scheduler, host, actual_port)
+        notify("READY=1", f"STATUS=listening on {host}:{actual_port}")
+        await stop.wait()
     log.info("stopping: finishing in-flight requests")
     # Ask systemd for the configured drain time (plus a margin to stop the workers)
     # so a long shutdown is not cut short by TimeoutStopSec.
-    drain = float(cfg.get("server.shutdown_timeout")) + 10.0
-    notify("STOPPING=1", f"EXTEND_TIMEOUT_USEC={int(drain * 1e6)}",
+    drain = float(cfg.get("server.shutdown_timeout"))
+    notify("STOPPING=1", f"EXTEND_TIMEOUT_USEC={int((drain + 10.0) * 1e6)}",
            "STATUS=finishing in-flight requests")
     if watchdog is not None:
         watchdog.cancel()
     if advertiser is not None:
-        await advertiser.stop()
+        await advertiser.stop()  # no new clients find us while we drain
+    await _drain(app, drain)
     await runner.cleanup()
     log.info("stopped")
     return 0

@@ -1,7 +1,9 @@
-"""Request body parsing and field checks. Every failure is a 400 that names the field."""
+"""Request body parsing and field checks. Every failure is a 400 that names the field
+(408 for a body that does not arrive in time)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from dataclasses import dataclass
@@ -11,7 +13,9 @@ from aiohttp import web
 
 
 class InvalidRequest(ValueError):
-    """Answered with 400 {"error": message}."""
+    """Answered with `status` (400) and {"error": message}."""
+
+    status = 400
 
 
 @dataclass(frozen=True)
@@ -24,11 +28,24 @@ def _reject_constant(name: str) -> Any:
     raise InvalidRequest(f"invalid JSON: {name} is not a number JSON allows")
 
 
+class BodyTimeout(InvalidRequest):
+    status = 408
+
+
+BODY_TIMEOUT = web.AppKey("body_timeout", float)
+
+
 async def read_json(request: web.Request) -> Any:
     """The body as JSON. Malformed JSON, bad UTF-8, NaN/Infinity and absurd
     nesting are 400s; an oversize body is aiohttp's 413, turned into JSON by
     the error middleware."""
-    raw = await request.read()
+    timeout = request.app[BODY_TIMEOUT] if BODY_TIMEOUT in request.app else None
+    try:
+        # A client that trickles its body (slowloris) must not hold a handler forever.
+        raw = await asyncio.wait_for(request.read(), timeout)
+    except TimeoutError:
+        raise BodyTimeout(f"request body not received within {timeout:g}s"
+                          " (server.body_timeout)") from None
     if not raw.strip():
         raise InvalidRequest("request body must be a JSON object")
     try:
