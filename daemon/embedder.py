@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from .index_db import StorageError
 from .index_store import IndexStore
 from .scheduler import Scheduler
 from .scheduler_errors import SchedulerError
@@ -55,7 +56,14 @@ class Embedder:
     async def run(self) -> None:
         while True:
             self.wake.clear()
-            done_any = await self.step()
+            try:
+                done_any = await self.step()
+            except StorageError as exc:
+                # Disk full or read-only: nothing can be recorded, not even the failure.
+                # Pause; the chunks stay pending and are embedded once writes work again.
+                self.last_error = str(exc)
+                log.warning("index not writable, embedding paused: %s", exc)
+                done_any = False
             if not done_any:
                 try:
                     # Chunks in back-off become due on their own: look again later.
@@ -85,7 +93,9 @@ class Embedder:
         try:
             written = await asyncio.to_thread(self.store.store_vectors, ids,
                                               [p[1] for p in pending], vectors, model)
-        except Exception as exc:  # e.g. a disk error: the chunks stay pending
+        except StorageError:
+            raise  # run() pauses; recording the failure would fail the same way
+        except Exception as exc:  # anything else: the chunks stay pending
             log.exception("storing vectors failed")
             self.last_error = f"storing vectors failed: {exc}"
             await asyncio.to_thread(self.store.embedding_failed, ids, self.last_error, 60.0)

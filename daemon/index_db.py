@@ -98,38 +98,93 @@ class IndexDB:
     """One connection, used from worker threads one call at a time (a lock)."""
 
     def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock = threading.Lock()
+        self.readonly = False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.conn = self._open_rw()
+        except Exception as exc:
+            # A read-only file system (or file): searches still work; writes answer 503
+            # and try the read-write open again, so the index heals when the fault goes.
+            if storage_error(exc) is None or not path.exists():
+                raise
+            log.warning("index %s opens read-only: %s", path, exc)
+            self.conn = self._open_ro()
+
+    def _open_rw(self) -> Any:
         import apsw
+
+        conn = apsw.Connection(str(self.path))
+        try:
+            self._load_vec(conn)
+            conn.set_busy_timeout(5000)
+            # A new connection is private to this call until assigned: no lock needed.
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self.readonly = False
+        return conn
+
+    def _open_ro(self) -> Any:
+        import apsw
+
+        # immutable=1: no -shm/-wal needed (they cannot be created on a read-only file
+        # system); right while nothing can write the file anyway.
+        uri = f"file:{self.path}?immutable=1"
+        conn = apsw.Connection(uri, flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+        self._load_vec(conn)
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version != SCHEMA_VERSION:
+            conn.close()
+            raise RuntimeError(f"read-only index {self.path} has schema {version}; this"
+                               f" npuserve needs {SCHEMA_VERSION} and cannot migrate it")
+        self.readonly = True
+        return conn
+
+    @staticmethod
+    def _load_vec(conn: Any) -> None:
         import sqlite_vec
 
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn = apsw.Connection(str(path))
-        self.conn.enable_load_extension(True)
-        self.conn.load_extension(sqlite_vec.loadable_path())
-        self.conn.enable_load_extension(False)
-        self.conn.set_busy_timeout(5000)
-        self.lock = threading.Lock()
-        with self.lock:
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=FULL")
-            self.conn.execute("PRAGMA foreign_keys=ON")
-            self._migrate()
+        conn.enable_load_extension(True)
+        conn.load_extension(sqlite_vec.loadable_path())
+        conn.enable_load_extension(False)
 
-    def _migrate(self) -> None:
-        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+    def _writable(self) -> None:
+        """Called under the lock before a write: reopen read-write if we are read-only."""
+        if not self.readonly:
+            return
+        try:
+            conn = self._open_rw()
+        except Exception as exc:
+            translated = storage_error(exc)
+            if translated is None:
+                raise
+            raise StorageError("the index is read-only now; nothing was stored", 503) from exc
+        self.conn.close()
+        self.conn = conn
+        log.info("index %s is writable again", self.path)
+
+    def _migrate(self, conn: Any) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise RuntimeError(f"index {self.path} has schema {version}, newer than this"
                                f" npuserve ({SCHEMA_VERSION})")
         for target in range(version + 1, SCHEMA_VERSION + 1):
-            with self.conn:
-                self.conn.execute(MIGRATIONS[target - 1])
-                self.conn.execute(f"PRAGMA user_version={target}")
+            with conn:
+                conn.execute(MIGRATIONS[target - 1])
+                conn.execute(f"PRAGMA user_version={target}")
             log.info("index %s migrated to schema %d", self.path, target)
 
     @contextmanager
     def transaction(self) -> Iterator[Any]:
         """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error: all or nothing."""
         with self.lock:
+            self._writable()
             try:
                 self.conn.execute("BEGIN IMMEDIATE")
                 try:

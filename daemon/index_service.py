@@ -12,7 +12,7 @@ from typing import Any
 
 from .chunking import chunk_text
 from .embedder import Embedder
-from .index_db import IndexDB
+from .index_db import IndexDB, StorageError
 from .index_store import (
     IndexError_,
     IndexStore,
@@ -50,10 +50,15 @@ class IndexService:
         # One ingest at a time: chunking needs the tokenizer, and serial writes
         # keep SQLite's single writer uncontended.
         self.ingest_lock = asyncio.Lock()
+        self.write_error: str | None = None
+        self.write_failures = 0
 
     @classmethod
     def open(cls, path: Path, scheduler: Scheduler, settings: IndexSettings) -> IndexService:
-        return cls(IndexStore(IndexDB(path)), scheduler, settings)
+        service = cls(IndexStore(IndexDB(path)), scheduler, settings)
+        if service.store.db.readonly:
+            service.write_error = "the index is read-only now; nothing can be stored"
+        return service
 
     def start(self) -> None:
         self.embedder.start()
@@ -107,7 +112,14 @@ class IndexService:
                 chunks = await chunk_text(doc["body"], self.chunk_limit(),
                                           self.settings.chunk_overlap, self._count)
                 chunked.append([(c.text, c.tokens) for c in chunks])
-            stored = await asyncio.to_thread(self.store.put_documents, collection, docs, chunked)
+            try:
+                stored = await asyncio.to_thread(self.store.put_documents, collection, docs,
+                                                 chunked)
+            except StorageError as exc:
+                self.write_error = str(exc)  # /health and /metrics report it until a write works
+                self.write_failures += 1
+                raise
+            self.write_error = None
         self.embedder.poke()
         return stored
 

@@ -56,6 +56,10 @@ async def health(request: web.Request) -> web.Response:
         "models": models,
         "devices": devices,
     }
+    index = services(request).index
+    if index is not None and index.write_error:
+        # Models still serve and searches still answer: reported, but not "not ok".
+        body["index"] = {"writable": False, "error": index.write_error}
     if services(request).draining:
         problems.insert(0, "shutting down")
         body["ok"] = False
@@ -101,6 +105,11 @@ async def metrics(request: web.Request) -> web.Response:
                        (("device", lane.device),), lane.crashes))
     for name, value in sorted(sched.metrics.items()):
         gauges.append((f"npuserve_scheduler_{name}", f"scheduler events: {name}", (), value))
+    if svc.index is not None:
+        gauges.append(("npuserve_index_write_failures", "index writes refused by the disk"
+                       " (full, read-only, I/O error)", (), svc.index.write_failures))
+        gauges.append(("npuserve_index_writable", "0 while the last index write failed", (),
+                       float(svc.index.write_error is None)))
     text = svc.metrics.render(gauges)
     return web.Response(text=text, content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})

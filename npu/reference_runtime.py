@@ -10,7 +10,9 @@ NPU's speed or its driver's failures, so those are injected:
     RKNN_REFERENCE_FAULT=none_after:N       inference returns None from call N+1 on
     RKNN_REFERENCE_FAULT=hang_after:N       inference never returns from call N+1 on
                                             ("failed to submit" followed by a hang)
-Counts are per process (the worker), across contexts.
+Counts are per process (the worker), across contexts. RKNN_REFERENCE_FAULT_FILE=PATH reads
+the same spec from a file at every call instead (empty or missing: no fault), so a fault can
+be injected and removed while the worker runs.
 """
 
 from __future__ import annotations
@@ -36,6 +38,13 @@ _calls_lock = threading.Lock()
 
 def _fault() -> tuple[str, int]:
     spec = os.environ.get("RKNN_REFERENCE_FAULT", "")
+    path = os.environ.get("RKNN_REFERENCE_FAULT_FILE")
+    if path:  # read at every call, so a test can make the fault go away again
+        try:
+            with open(path, encoding="utf-8") as f:
+                spec = f.read().strip()
+        except OSError:
+            spec = ""
     kind, _, n = spec.partition(":")
     return kind, int(n) if n.isdigit() else 0
 
