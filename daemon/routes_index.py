@@ -67,7 +67,7 @@ def with_index_errors(handler: Handler) -> Handler:
 
 def _query_int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
     raw = request.query.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
     try:
         value = int(raw)
