@@ -29,7 +29,7 @@ async def embed(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "model": svc.scheduler.model_name("embed"),
-            "embeddings": [[float(x) for x in row] for row in vectors],
+            "embeddings": vectors.tolist(),
             "total_duration": time.perf_counter_ns() - start,
             "load_duration": int(timing.load * 1e9),
             "prompt_eval_count": tokens,
@@ -45,7 +45,7 @@ async def embeddings_legacy(request: web.Request) -> web.Response:
     body = await read_object(request)
     prompt = text_field(body, "prompt", svc.limits)
     vectors, _, _, timing = await svc.scheduler.embed([prompt])
-    return web.json_response({"embedding": [float(x) for x in vectors[0]]},
+    return web.json_response({"embedding": vectors[0].tolist()},
                              headers=timing_headers(timing))
 
 

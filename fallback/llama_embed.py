@@ -78,28 +78,50 @@ class LlamaEmbedBackend(Backend):
         dim = int(llm.n_embd())
         pooled = llm.pooling_type() != llama_cpp.LLAMA_POOLING_TYPE_NONE
         out = np.empty((len(texts), dim), dtype=np.float32)
-        truncated: list[bool] = []
-        total = 0
-        # One text per decode: packing many sequences into one llama.cpp batch
-        # measured slower than this loop on the CPU.
-        for i, text in enumerate(texts):
-            toks, cut = self.tokens(text)
-            truncated.append(cut)
-            total += len(toks)
+        tokenized = [self.tokens(text) for text in texts]
+        truncated = [cut for _, cut in tokenized]
+        total = sum(len(toks) for toks, _ in tokenized)
+        # Short texts are packed, several sequences per decode (up to n_batch tokens):
+        # 1.8x faster for 16-token queries here, same vectors (cosine 0.9999998); long
+        # ones go one per decode, as they fill a batch alone. (llama-cpp-python's own
+        # create_embedding packs too, but measured slower than a plain loop.)
+        for group in self._groups([toks for toks, _ in tokenized], llm):
             llm._ctx.kv_cache_clear()
             llm._batch.reset()
-            llm._batch.add_sequence(toks, 0, True)
+            for seq, i in enumerate(group):
+                llm._batch.add_sequence(tokenized[i][0], seq, True)
             llm._ctx.decode(llm._batch)
-            if pooled:
-                ptr = llama_cpp.llama_get_embeddings_seq(llm._ctx.ctx, 0)
-                vec = np.ctypeslib.as_array(ptr, shape=(dim,))
-            else:
-                ptr = llama_cpp.llama_get_embeddings(llm._ctx.ctx)
-                vec = np.ctypeslib.as_array(ptr, shape=(len(toks), dim)).mean(axis=0)
-            out[i] = vec
+            for seq, i in enumerate(group):
+                if pooled:
+                    ptr = llama_cpp.llama_get_embeddings_seq(llm._ctx.ctx, seq)
+                    out[i] = np.ctypeslib.as_array(ptr, shape=(dim,))
+                else:  # one sequence per group then (see _groups): mean of its tokens
+                    n = len(tokenized[i][0])
+                    ptr = llama_cpp.llama_get_embeddings(llm._ctx.ctx)
+                    out[i] = np.ctypeslib.as_array(ptr, shape=(n, dim)).mean(axis=0)
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         out /= np.where(norms == 0, 1.0, norms)
         return EmbedOutput(vectors=out, truncated=truncated, tokens=total)
+
+    def _groups(self, token_lists: list[list[int]], llm: Any) -> list[list[int]]:
+        """Indices of texts to decode together: consecutive, at most n_batch tokens and
+        n_seq_max sequences; unpooled models get one text per decode."""
+        import llama_cpp
+
+        budget = llm.n_batch
+        max_seqs = int(getattr(llm.context_params, "n_seq_max", 1) or 1)
+        if llm.pooling_type() == llama_cpp.LLAMA_POOLING_TYPE_NONE:
+            max_seqs = 1
+        groups: list[list[int]] = []
+        used = 0
+        for i, toks in enumerate(token_lists):
+            if groups and used + len(toks) <= budget and len(groups[-1]) < max_seqs:
+                groups[-1].append(i)
+                used += len(toks)
+            else:
+                groups.append([i])
+                used = len(toks)
+        return groups
 
     def memory_estimate(self) -> int:
         return file_memory_estimate(self.spec, per_ctx_token=16 * 1024)

@@ -6,6 +6,8 @@ import asyncio
 import os
 import signal
 
+import numpy as np
+
 from npuserve.daemon import worker_protocol as wp
 from npuserve.daemon.app import SERVICES
 
@@ -129,10 +131,15 @@ async def test_concurrent_embeds_are_coalesced(client):
     assert all(r.status == 200 for r in responses)
     calls = sched.metrics["backend_calls"] - before_calls
     assert calls < len(texts), f"{calls} backend calls for {len(texts)} requests"
-    # Coalescing must not mix up results: each vector is its own text's.
-    for t, r in zip(texts[:3], responses[:3], strict=True):
+    # Coalescing must not mix up results: each vector is its own text's. (Packed into one
+    # decode with others, a text's vector may differ from its solo one in the last float
+    # bits: GEMM tiling depends on the batch.)
+    vectors = [np.asarray((await r.json())["embedding"]) for r in responses]
+    for i, t in enumerate(texts[:3]):
         single = await (await client.post("/embed-batch", json={"texts": [t]})).json()
-        assert single[0]["embedding"] == (await r.json())["embedding"]
+        solo = np.asarray(single[0]["embedding"])
+        sims = [float(solo @ v) for v in vectors]
+        assert sims[i] > 0.99999 and max(sims[:i] + sims[i + 1:]) < sims[i] - 1e-4
 
 
 async def test_queued_request_past_deadline_gets_504_and_never_runs(make_client):
