@@ -110,6 +110,23 @@ def start_daemon(state_dir: Path, *args: str, env: dict[str, str] | None = None
     return proc, port
 
 
+def http_json(url: str, body: object | None = None, method: str | None = None,
+              timeout: float = 60.0) -> tuple[int, Any]:
+    """(status, JSON body) of one request from a plain thread (for subprocess daemons)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as err:
+        return err.code, json.load(err)
+
+
 def wait_http(url: str, timeout: float = 30.0) -> None:
     import urllib.error
     import urllib.request

@@ -21,7 +21,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import pytest
 from npuserve.daemon.worker_protocol import ModelSpec
 from npuserve.npu.embed_backend import NpuEmbedBackend
 
-from .conftest import free_port
+from .conftest import free_port, http_json
 
 ROOT = Path(__file__).resolve().parent.parent
 MIRROR = os.environ.get("NPUSERVE_TEST_DEBIAN_MIRROR", "http://deb.debian.org/debian")
@@ -106,16 +105,6 @@ def test_doctor_on_aarch64_reports_no_npu(arm):
     assert "llama-cpp-python (CPU backend): MISSING" in res.stdout and "fix:" in res.stdout
 
 
-def _call(url: str, body: dict | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode() if body else None,
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=300) as resp:
-            return resp.status, json.load(resp)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.load(exc)
-
-
 def test_daemon_serves_on_aarch64(arm, npu_model: Path, client_vectors_x86):
     port = free_port()
     proc = subprocess.Popen(
@@ -129,28 +118,29 @@ def test_daemon_serves_on_aarch64(arm, npu_model: Path, client_vectors_x86):
         while True:
             assert proc.poll() is None, proc.stdout.read()
             try:
-                status, health = _call(base + "/health")
+                status, health = http_json(base + "/health")
                 break
             except OSError:
                 assert time.monotonic() < deadline, "the arm64 daemon never answered"
                 time.sleep(1)
         assert health["devices"]["embed"]["device"] == "npu"
         # Embeddings through the NPU backend's code (reference runtime) on aarch64.
-        status, body = _call(base + "/v1/embeddings", {"input": TEXTS, "model": "x"})
+        status, body = http_json(base + "/v1/embeddings", {"input": TEXTS, "model": "x"},
+                                 timeout=300)
         assert status == 200, body
         vectors = np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
         cosine = np.sum(vectors * client_vectors_x86, axis=1) / (
             np.linalg.norm(vectors, axis=1) * np.linalg.norm(client_vectors_x86, axis=1))
         assert cosine.min() > 0.999, cosine
         # The index: apsw's and sqlite-vec's aarch64 builds.
-        assert _call(base + "/collections", {"name": "arm"})[0] == 201
-        status, _ = _call(base + "/collections/arm/documents",
+        assert http_json(base + "/collections", {"name": "arm"})[0] == 201
+        status, _ = http_json(base + "/collections/arm/documents",
                           {"documents": [{"path": "a.md", "body": "rockchip boards"}]})
         assert status == 200
-        status, hits = _call(base + "/search?q=rockchip")
+        status, hits = http_json(base + "/search?q=rockchip")
         assert [h["displayPath"] for h in hits["results"]] == ["arm/a.md"]
         # Rerank needs llama-cpp-python, absent on aarch64 here: a clear 503, not a crash.
-        status, err = _call(base + "/rerank", {"query": "q", "documents": ["d"]})
+        status, err = http_json(base + "/rerank", {"query": "q", "documents": ["d"]})
         assert status == 503 and "error" in err, (status, err)
     finally:
         proc.terminate()

@@ -8,20 +8,18 @@ NPUSERVE_TEST_REQUIRE_PACKAGING=1 (CI sets it), which turns a skip into a failur
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import signal
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .conftest import free_port
+from .conftest import free_port, http_json
 
 ROOT = Path(__file__).resolve().parent.parent
 MIRROR = os.environ.get("NPUSERVE_TEST_DEBIAN_MIRROR", "http://deb.debian.org/debian")
@@ -110,23 +108,13 @@ def _serve(root: Path, *args: str) -> subprocess.Popen:
          *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _get(url: str, data: dict | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=json.dumps(data).encode() if data else None,
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, json.load(resp)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.load(exc)
-
-
 def _wait_health(proc: subprocess.Popen, port: int, timeout: float = 120) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"daemon exited {proc.returncode}:\n{proc.stdout.read()}")
         try:
-            status, body = _get(f"http://127.0.0.1:{port}/health")
+            status, body = http_json(f"http://127.0.0.1:{port}/health")
             if status == 200:
                 return body
         except OSError:
@@ -168,11 +156,11 @@ def test_install_serve_upgrade_purge(deb: Path, debian_root: Path, models_dir: P
     try:
         health = _wait_health(proc, port)
         assert health["ok"] is True, health
-        status, body = _get(f"http://127.0.0.1:{port}/v1/embeddings",
+        status, body = http_json(f"http://127.0.0.1:{port}/v1/embeddings",
                             {"input": ["a packaged daemon"], "model": "x"})
         assert status == 200 and len(body["data"][0]["embedding"]) == 384
-        assert _get(f"http://127.0.0.1:{port}/collections", {"name": "notes"})[0] == 201
-        status, _ = _get(f"http://127.0.0.1:{port}/collections/notes/documents",
+        assert http_json(f"http://127.0.0.1:{port}/collections", {"name": "notes"})[0] == 201
+        status, _ = http_json(f"http://127.0.0.1:{port}/collections/notes/documents",
                          {"documents": [{"path": "a.md", "body": "kept across upgrades"}]})
         assert status in (200, 201), status
     finally:
@@ -192,7 +180,7 @@ def test_install_serve_upgrade_purge(deb: Path, debian_root: Path, models_dir: P
     proc = _serve(root)
     try:
         assert _wait_health(proc, port)["ok"] is True
-        status, hits = _get(f"http://127.0.0.1:{port}/search?q=upgrades")
+        status, hits = http_json(f"http://127.0.0.1:{port}/search?q=upgrades")
         assert status == 200 and [h["displayPath"] for h in hits["results"]] == ["notes/a.md"], hits
     finally:
         code, out = _stop(proc)

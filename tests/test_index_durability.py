@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import threading
@@ -12,18 +11,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .conftest import start_daemon, wait_http
+from .conftest import http_json, start_daemon, wait_http
 
 
 def call(base: str, method: str, path: str, body: object | None = None) -> tuple[int, dict]:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(base + path, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, json.load(resp)
-    except urllib.error.HTTPError as err:
-        return err.code, json.load(err)
+    return http_json(base + path, body, method=method, timeout=30)
 
 
 def body_for(i: int) -> str:
