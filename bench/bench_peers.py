@@ -38,7 +38,7 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import free_port, passage  # noqa: E402
+from bench_core import free_port, passage, tree_rss  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "npuserve-bench"
@@ -154,21 +154,6 @@ def servers(threads: int) -> dict[str, Server]:
     }
 
 
-def tree_rss_mb(pid: int) -> float:
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return total / 1024
-
-
 class Running:
     def __init__(self, server: Server, threads: int) -> None:
         self.server, self.port = server, free_port()
@@ -199,7 +184,7 @@ class Running:
 
     async def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, tree_rss_mb(self.proc.pid))
+            self.peak_mb = max(self.peak_mb, tree_rss(self.proc.pid) / 2**20)
             try:
                 await asyncio.wait_for(self._stop.wait(), 0.2)
             except TimeoutError:

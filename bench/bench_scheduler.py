@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import signal
 import statistics
@@ -32,37 +31,12 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import passage, start_daemon  # noqa: E402
+from bench_core import passage, start_daemon, tree_rss  # noqa: E402
 
 TOPICS = ["debian kernel modules", "apt package signatures", "systemd unit hardening",
           "sqlite full text search", "mdns service discovery", "npu model conversion",
           "python virtual environments", "cpu thread pinning", "embedding model batching",
           "reciprocal rank fusion"]
-
-
-def tree_rss(root_pid: int) -> int:
-    """RSS of a process and all its descendants, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    total, stack = 0, [root_pid]
-    page = os.sysconf("SC_PAGE_SIZE")
-    while stack:
-        pid = stack.pop()
-        try:
-            with open(f"/proc/{pid}/statm") as f:
-                total += int(f.read().split()[1]) * page
-        except OSError:
-            pass
-        stack.extend(children.get(pid, []))
-    return total
 
 
 class PeakSampler(threading.Thread):

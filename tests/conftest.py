@@ -97,15 +97,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_daemon(state_dir: Path, *args: str, env: dict[str, str] | None = None
-                 ) -> tuple[subprocess.Popen[str], int]:
+def start_daemon(state_dir: Path, *args: str, env: dict[str, str] | None = None,
+                 log: Path | None = None) -> tuple[subprocess.Popen[str], int]:
+    """`npuserve serve` on a free port; output to a pipe, or appended to `log` (long runs
+    would fill a pipe nobody reads)."""
     port = free_port()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("NPUSERVE_")}
     full_env.update(env or {})
     proc = subprocess.Popen(
         [sys.executable, "-m", "npuserve.daemon.cli", "serve", "--state-dir", str(state_dir),
          "--port", str(port), *args],
-        env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=full_env, stdout=open(log, "a") if log else subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
     )
     return proc, port
 

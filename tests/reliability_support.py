@@ -15,7 +15,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .conftest import free_port, wait_http
+from .conftest import start_daemon, wait_http
 
 LOAD_SECONDS = float(os.environ.get("NPUSERVE_TEST_LOAD_SECONDS", "20"))
 LOAD_CLIENTS = int(os.environ.get("NPUSERVE_TEST_LOAD_CLIENTS", "32"))
@@ -55,13 +54,8 @@ class Daemon:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> Daemon:
-        self.port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("NPUSERVE_")}
-        env.update(self.extra_env)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "npuserve.daemon.cli", "serve", "--state-dir",
-             str(self.state), "--port", str(self.port), *self.args],
-            env=env, stdout=open(self.log, "a"), stderr=subprocess.STDOUT, text=True)
+        self.proc, self.port = start_daemon(self.state, *self.args, env=self.extra_env,
+                                            log=self.log)
         wait_http(self.url + "/health", timeout=60)
         return self
 
