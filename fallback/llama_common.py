@@ -31,8 +31,9 @@ def open_llama(spec: ModelSpec, **kwargs: Any) -> Any:
     path = Path(spec.path)
     if not path.is_file():
         raise ModelLoadError(f"model file {path} does not exist")
-    # Flash attention: measured 1.5x (100-token) to 2.1x (440-token) faster embeddings on
-    # this CPU with vectors unchanged (cosine 0.9999998); llama-server enables it too.
+    # Flash attention: measured ~1.5x (100-token) to ~2x (440-token) faster embeddings on
+    # this CPU with vectors unchanged (bench/bench_embed_options.py); llama-server enables
+    # it by default too.
     kwargs.setdefault("flash_attn", bool(spec.option("flash_attn", True)))
     try:
         return Llama(model_path=str(path), verbose=False, **kwargs)

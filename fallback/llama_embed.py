@@ -82,9 +82,8 @@ class LlamaEmbedBackend(Backend):
         truncated = [cut for _, cut in tokenized]
         total = sum(len(toks) for toks, _ in tokenized)
         # Short texts are packed, several sequences per decode (up to n_batch tokens):
-        # 1.8x faster for 16-token queries here, same vectors (cosine 0.9999998); long
-        # ones go one per decode, as they fill a batch alone. (llama-cpp-python's own
-        # create_embedding packs too, but measured slower than a plain loop.)
+        # with flash attention 1.4-1.6x faster for 16-token queries, same vectors; long
+        # ones go one per decode, as they fill a batch alone (bench_embed_options.py).
         for group in self._groups([toks for toks, _ in tokenized], llm):
             llm._ctx.kv_cache_clear()
             llm._batch.reset()
@@ -105,12 +104,16 @@ class LlamaEmbedBackend(Backend):
 
     def _groups(self, token_lists: list[list[int]], llm: Any) -> list[list[int]]:
         """Indices of texts to decode together: consecutive, at most n_batch tokens and
-        n_seq_max sequences; unpooled models get one text per decode."""
+        n_seq_max sequences; one text per decode for unpooled models and without flash
+        attention (bench/bench_embed_options.py)."""
         import llama_cpp
 
         budget = llm.n_batch
         max_seqs = int(getattr(llm.context_params, "n_seq_max", 1) or 1)
-        if llm.pooling_type() == llama_cpp.LLAMA_POOLING_TYPE_NONE:
+        # Without flash attention a packed batch attends over all its tokens (masked):
+        # measured 0.45x for short texts, so packing only pays with it on.
+        if (llm.pooling_type() == llama_cpp.LLAMA_POOLING_TYPE_NONE
+                or not self.spec.option("flash_attn", True)):
             max_seqs = 1
         groups: list[list[int]] = []
         used = 0
