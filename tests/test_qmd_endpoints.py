@@ -120,3 +120,14 @@ async def test_timing_headers(client):
     resp = await client.post("/embed", json={"text": "timing"})
     for h in ("x-queue-time", "x-load-time", "x-inference-time"):
         assert float(resp.headers[h]) >= 0.0
+
+
+async def test_flash_attention_off_gives_the_same_vectors(make_client, client):
+    # flash_attn=false also turns packing off (one text per decode): results must not move.
+    texts = ["a short query", "another one about kernel modules", "x " * 200]
+    plain = await make_client(models__embed__flash_attn="false")
+    default = await (await client.post("/embed-batch", json={"texts": texts})).json()
+    off = await (await plain.post("/embed-batch", json={"texts": texts})).json()
+    for a, b in zip(default, off, strict=True):
+        va, vb = np.asarray(a["embedding"]), np.asarray(b["embedding"])
+        assert float(va @ vb) > 0.99999
