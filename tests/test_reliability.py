@@ -577,6 +577,8 @@ async def test_sigterm_under_load_drains_then_restart_loses_nothing(tmp_path, mo
                     outcome: int | str = st if st != 503 or "Retry-After" in h else "503-bare"
                 except aiohttp.ClientConnectorError:
                     outcome = "refused"  # the listener has closed: the drain is over
+                except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                    outcome = "closed"  # a kept-alive connection closed (or reset) under it
                 except aiohttp.ClientError as exc:
                     outcome = f"error:{type(exc).__name__}"
                 outcomes.append((sent, time.monotonic(), outcome))
@@ -612,6 +614,7 @@ async def test_sigterm_under_load_drains_then_restart_loses_nothing(tmp_path, mo
     assert in_flight and all(o in (200, 201) for o in in_flight), in_flight
     assert after.count(503) >= 1, after  # told to go elsewhere, not dropped
     # After the drain the listener is gone: a new connection is refused, and a request
-    # racing the close of a kept-alive connection sees it closed. Never a 5xx or a hang.
-    assert set(after) <= {503, "refused", "error:ServerDisconnectedError"}, after
+    # racing the close of a kept-alive connection sees it closed or reset. Never a 5xx or
+    # a hang. (Requests in flight at SIGTERM are held to 2xx above.)
+    assert set(after) <= {503, "refused", "closed"}, after
     assert lost == 0
