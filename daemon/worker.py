@@ -121,7 +121,7 @@ def _since(start: float) -> float:
 
 
 def worker_main(conn: Connection, log_level: int = logging.INFO) -> None:
-    """Entry point of the worker process (spawned, so nothing is inherited)."""
+    """The worker's loop: one request in, one reply out, until the daemon hangs up."""
     logging.basicConfig(level=log_level, format="%(asctime)s worker[%(process)d] %(message)s")
     # The daemon handles SIGINT/SIGTERM and tells us to stop by closing the pipe.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -132,3 +132,28 @@ def worker_main(conn: Connection, log_level: int = logging.INFO) -> None:
         except (EOFError, OSError):
             break
         conn.send(worker.handle(req))
+
+
+def main(argv: list[str]) -> None:
+    """`python -m npuserve.daemon.worker FD LEVEL DEVICE`, as worker_handle starts it."""
+    fd, level = int(argv[0]), int(argv[1])
+    _die_with_parent()
+    worker_main(Connection(fd), level)
+
+
+def _die_with_parent() -> None:
+    """SIGKILL this worker when the daemon dies, even if a native call never returns
+    (a closed pipe is noticed only between requests). A daemon that died before this
+    ran has closed its end of the pipe: the first recv ends the loop."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

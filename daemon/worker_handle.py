@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing as mp
 import os
+import socket
+import subprocess
+import sys
 import time
 from multiprocessing.connection import Connection, wait
 
 from . import worker_protocol as wp
-from .worker import worker_main
 
 log = logging.getLogger("npuserve.worker_handle")
 
@@ -32,13 +33,11 @@ class WorkerHandle:
     def __init__(self, device: str, log_level: int = logging.INFO) -> None:
         self.device = device
         self.log_level = log_level
-        self._ctx = mp.get_context("spawn")
         # An interpreter or wrapper for the workers: e.g. a script that runs
         # `taskset -c 4-7 python3` to keep models on the RK3588's A76 cores, or one that
         # runs python3 under qemu-aarch64 for the arm64 smoke test.
-        if os.environ.get(WORKER_PYTHON_ENV):
-            self._ctx.set_executable(os.environ[WORKER_PYTHON_ENV])
-        self._proc: mp.process.BaseProcess | None = None
+        self.python = os.environ.get(WORKER_PYTHON_ENV) or sys.executable
+        self._proc: WorkerProcess | None = None
         self._conn: Connection | None = None
         self._lock = asyncio.Lock()
         self.restarts = 0
@@ -52,16 +51,8 @@ class WorkerHandle:
         return self._proc is not None and self._proc.is_alive()
 
     def start(self) -> None:
-        parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(
-            target=worker_main,
-            args=(child, self.log_level),
-            name=f"npuserve-worker-{self.device}",
-            daemon=True,
-        )
-        proc.start()
-        child.close()
-        self._proc, self._conn = proc, parent
+        proc, conn = WorkerProcess.spawn(self.python, self.device, self.log_level)
+        self._proc, self._conn = proc, conn
         log.info("worker for %s started (pid %s)", self.device, proc.pid)
 
     async def call(self, req: wp.Request, timeout: float | None = None) -> wp.Reply:
@@ -85,18 +76,20 @@ class WorkerHandle:
             return await asyncio.to_thread(self._receive, conn, proc, timeout)
 
     def _receive(
-        self, conn: Connection, proc: mp.process.BaseProcess, timeout: float | None
+        self, conn: Connection, proc: WorkerProcess, timeout: float | None
     ) -> wp.Reply:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready = wait([conn, proc.sentinel], remaining)
+            if proc.sentinel is None:  # no pidfd: look at the process twice a second
+                remaining = 0.5 if remaining is None else min(remaining, 0.5)
+            ready = wait([conn] if proc.sentinel is None else [conn, proc.sentinel], remaining)
             if conn in ready:
                 try:
                     return conn.recv()
                 except (EOFError, OSError):
                     pass  # the process died mid-reply; fall through to the death path
-            if ready:
+            if ready or not proc.is_alive():
                 proc.join(1)
                 code = proc.exitcode
                 self._reap()
@@ -112,10 +105,14 @@ class WorkerHandle:
         self._reap()
 
     def _reap(self) -> None:
-        if self._proc is not None:
-            if not self._proc.is_alive():
-                self.last_exit = f"exit code {self._proc.exitcode}"
+        proc = self._proc
+        if proc is not None:
+            if proc.is_alive():  # its pipe is gone: a worker we give up on must not linger
+                proc.kill()
+            else:
+                self.last_exit = f"exit code {proc.exitcode}"
                 self.restarts += 1
+            proc.join(5)
             self._proc = None
         if self._conn is not None:
             self._conn.close()
@@ -138,3 +135,58 @@ class WorkerHandle:
         """SIGKILL the worker (tests and fault injection)."""
         if self._proc is not None and self._proc.is_alive():
             self._proc.kill()
+
+
+class WorkerProcess:
+    """A worker started with subprocess, talking over one end of a socket pair.
+
+    Not multiprocessing: its spawn start method also runs a resource-tracker process
+    (13 MB measured, for nothing here) and re-imports the daemon's main module in the
+    child. A pidfd is the death sentinel `multiprocessing.connection.wait` watches.
+    """
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        self.sentinel: int | None
+        try:
+            self.sentinel = os.pidfd_open(popen.pid)
+        except (AttributeError, OSError):  # kernel < 5.3: _receive polls instead
+            self.sentinel = None
+
+    @classmethod
+    def spawn(cls, python: str, device: str, log_level: int) -> tuple[WorkerProcess, Connection]:
+        ours, theirs = socket.socketpair()
+        try:
+            popen = subprocess.Popen(
+                [python, "-m", "npuserve.daemon.worker", str(theirs.fileno()), str(log_level),
+                 device],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
+        except OSError:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        return cls(popen), Connection(ours.detach())
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.popen.poll()
+
+    def is_alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def join(self, timeout: float | None = None) -> None:
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        if self.popen.returncode is not None and self.sentinel is not None:
+            os.close(self.sentinel)
+            self.sentinel = None
+
+    def kill(self) -> None:
+        if self.is_alive():
+            self.popen.kill()

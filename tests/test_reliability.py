@@ -281,14 +281,14 @@ async def test_load_mixed_endpoints(tmp_path, models_dir, reference):
 # --- faults --------------------------------------------------------------------------
 
 def _worker_pids(daemon_pid: int) -> list[int]:
-    """Model workers (multiprocessing spawn children), not the resource tracker."""
+    """Model workers (`python -m npuserve.daemon.worker` children)."""
     out = []
     for pid in children(daemon_pid):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
             continue
-        if b"spawn_main" in cmd:
+        if b"npuserve.daemon.worker" in cmd:
             out.append(pid)
     return out
 
