@@ -42,7 +42,7 @@ def backend(flash: bool, packed: bool) -> LlamaEmbedBackend:
     b = LlamaEmbedBackend(ModelSpec("bench", "llama_cpp_embed", str(model_path()), 512, 0,
                                     (("flash_attn", flash),)))
     if not packed:  # the old path: every text in a decode of its own
-        b._groups = lambda token_lists, llm: [[i] for i in range(len(token_lists))]  # type: ignore[method-assign]
+        b._groups = lambda token_lists: [[i] for i in range(len(token_lists))]  # type: ignore[method-assign]
     b.load()
     return b
 

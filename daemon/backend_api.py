@@ -2,7 +2,7 @@
 
 A backend lives inside a worker process. The scheduler never sees a backend
 object: it sends typed requests to the worker, which calls these methods.
-Results are plain numpy arrays and lists so they pack cheaply for the pipe.
+Results are float32 rows over bytes and plain lists, cheap to send over the pipe.
 """
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 
-import numpy as np
+from .vector_rows import VectorRows
 
 TASKS = ("embed", "rerank", "expand")
 
 
 @dataclass
 class EmbedOutput:
-    vectors: np.ndarray  # float32, shape (n, dim), L2-normalised rows
+    vectors: VectorRows  # n rows of dim float32 values, L2-normalised
     truncated: list[bool]
     tokens: int  # tokens evaluated, for usage reporting and calibration
 

@@ -3,7 +3,9 @@ and migrations. WAL with synchronous=FULL: a write that returned is on disk."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -94,6 +96,15 @@ def storage_error(exc: BaseException) -> StorageError | None:
     return None
 
 
+def vec_extension_path() -> str:
+    """sqlite-vec's loadable extension, found without importing the sqlite_vec package:
+    that import pulls in numpy (11 MB) and sqlite3, which the daemon otherwise never needs."""
+    spec = importlib.util.find_spec("sqlite_vec")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("sqlite-vec is not installed (pip install sqlite-vec)")
+    return os.path.join(list(spec.submodule_search_locations)[0], "vec0")
+
+
 class IndexDB:
     """One connection, used from worker threads one call at a time (a lock)."""
 
@@ -148,10 +159,8 @@ class IndexDB:
 
     @staticmethod
     def _load_vec(conn: Any) -> None:
-        import sqlite_vec
-
         conn.enable_load_extension(True)
-        conn.load_extension(sqlite_vec.loadable_path())
+        conn.load_extension(vec_extension_path())
         conn.enable_load_extension(False)
 
     def _writable(self) -> None:

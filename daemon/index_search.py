@@ -7,12 +7,12 @@ as |s| / (1 + |s|), the form QMD's strong-signal test expects.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from .index_store import IndexStore
+from .vector_rows import le_bytes
 
 _TERM = re.compile(r"[\w]+", re.UNICODE)
 
@@ -65,12 +65,12 @@ def bm25(store: IndexStore, text: str, limit: int, collection: str | None = None
     return []
 
 
-def nearest(store: IndexStore, vector: np.ndarray, limit: int,
+def nearest(store: IndexStore, vector: memoryview | Sequence[float], limit: int,
             collection: str | None = None) -> list[Hit]:
     """Documents by their best chunk's cosine similarity."""
     if not store.db.has_vector_table():
         return []
-    blob = np.asarray(vector, dtype=np.float32).tobytes()
+    blob = le_bytes(vector)
     k = max(1, min(limit * 4, 4096))  # several chunks may belong to one document
 
     def q(c: Any) -> list[tuple[int, float, int]]:

@@ -17,9 +17,8 @@ from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import Any
 
-import numpy as np
-
 from .index_db import IndexDB
+from .vector_rows import VectorRows, le_bytes
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_PATH = 1024
@@ -211,7 +210,7 @@ class IndexStore:
                  WHERE ch.embedded=0 AND ch.retry_at<=? ORDER BY ch.id LIMIT ?"""
         return self.db.read(lambda c: c.execute(sql, (time.time(), limit)).fetchall())
 
-    def store_vectors(self, ids: list[int], collection_ids: list[int], vectors: np.ndarray,
+    def store_vectors(self, ids: list[int], collection_ids: list[int], vectors: VectorRows,
                       model: str) -> int:
         """Write vectors for chunks that still exist (a document may have changed meanwhile)."""
         dim = int(vectors.shape[1])
@@ -223,7 +222,7 @@ class IndexStore:
                              (cid,)).fetchone() is None:
                     continue
                 c.execute("INSERT INTO chunk_vecs(rowid, collection_id, embedding) VALUES (?,?,?)",
-                          (cid, coll, np.asarray(vec, dtype=np.float32).tobytes()))
+                          (cid, coll, le_bytes(vec)))
                 c.execute("UPDATE chunks SET embedded=1, last_error=NULL WHERE id=?", (cid,))
                 written += 1
         return written

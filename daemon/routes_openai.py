@@ -5,11 +5,11 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-import numpy as np
 from aiohttp import web
 
 from .app import services, timing_headers
 from .validation import InvalidRequest, Limits, check_count, check_length, read_object
+from .vector_rows import le_bytes
 
 routes = web.RouteTableDef()
 ENCODINGS = ("float", "base64")
@@ -61,11 +61,11 @@ async def embeddings(request: web.Request) -> web.Response:
     )
 
 
-def _encode(row: np.ndarray, encoding: str) -> list[float] | str:
+def _encode(row: memoryview, encoding: str) -> list[float] | str:
     if encoding == "base64":
         # The official client decodes little-endian float32.
-        return base64.b64encode(np.asarray(row, dtype="<f4").tobytes()).decode("ascii")
-    return np.asarray(row, dtype=np.float32).tolist()  # exact float32 values, 5x faster
+        return base64.b64encode(le_bytes(row)).decode("ascii")
+    return row.tolist()  # exact float32 values
 
 
 @routes.get("/v1/models")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from aiohttp import web
 
 from .app import services, timing_headers
@@ -43,8 +42,8 @@ def _embed_options(body: dict[str, Any], limits: Limits) -> None:
     optional_bool(options, "isQuery", False, "options.isQuery")
 
 
-def _vector(row: Any) -> list[float]:
-    return np.asarray(row, dtype=np.float32).tolist()  # exact float32 values, 5x faster
+def _vector(row: memoryview) -> list[float]:
+    return row.tolist()  # exact float32 values
 
 
 @routes.post("/embed")

@@ -19,8 +19,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from . import worker_protocol as wp
 from .calibration import CalibrationStore, ModelCosts
 from .config import Config
@@ -35,6 +33,7 @@ from .scheduler_errors import (
     SchedulerError,
     ShuttingDown,
 )
+from .vector_rows import VectorRows
 from .worker_handle import WorkerDied, WorkerHandle, WorkerTimeout
 
 log = logging.getLogger("npuserve.scheduler")
@@ -555,15 +554,14 @@ def _merge(jobs: list[Job]) -> wp.Request:
 
 
 def _split_vectors(jobs: list[Job], reply: wp.Vectors) -> None:
-    arr = reply.array()
+    rows = reply.rows()
     pos = 0
     for job in jobs:
         n = job.items
-        part = arr[pos:pos + n]
         if not job.future.done():
-            job.future.set_result(wp.Vectors.pack(
-                part, list(reply.truncated[pos:pos + n]), reply.tokens * n // max(1, len(arr)),
-                reply.seconds))
+            job.future.set_result(wp.Vectors(
+                rows.slice(pos, pos + n).data, reply.dim, reply.truncated[pos:pos + n],
+                reply.tokens * n // max(1, len(rows)), reply.seconds))
         pos += n
 
 
@@ -848,11 +846,11 @@ class Scheduler:
 
     # --- convenience for routes -------------------------------------------------
 
-    async def embed(self, texts: list[str]) -> tuple[np.ndarray, list[bool], int, Timing]:
+    async def embed(self, texts: list[str]) -> tuple[VectorRows, list[bool], int, Timing]:
         mid = self.model_state("embed").model_id
         reply, timing = await self.submit("embed", wp.Embed(mid, tuple(texts)), len(texts))
         assert isinstance(reply, wp.Vectors)
-        return reply.array(), list(reply.truncated), reply.tokens, timing
+        return reply.rows(), list(reply.truncated), reply.tokens, timing
 
     async def rerank(self, query: str, documents: list[str], instruction: str | None = None
                      ) -> tuple[list[float], list[bool], int, Timing]:

@@ -1,14 +1,15 @@
 """Messages between the daemon and a model worker process.
 
-Small frozen dataclasses pickled over a multiprocessing pipe. Vectors cross as
-packed float32 bytes (one buffer per batch), never as lists of Python floats.
+Small frozen dataclasses pickled over a socket pair (multiprocessing.connection
+framing). Vectors cross as packed float32 bytes (one buffer per batch), never as lists
+of Python floats.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
+from .vector_rows import VectorRows
 
 
 @dataclass(frozen=True)
@@ -109,13 +110,12 @@ class Vectors:
 
     @classmethod
     def pack(
-        cls, vectors: np.ndarray, truncated: list[bool], tokens: int, seconds: float
+        cls, vectors: VectorRows, truncated: list[bool], tokens: int, seconds: float
     ) -> Vectors:
-        arr = np.ascontiguousarray(vectors, dtype=np.float32)
-        return cls(arr.tobytes(), int(arr.shape[1]), tuple(truncated), tokens, seconds)
+        return cls(vectors.data, vectors.dim, tuple(truncated), tokens, seconds)
 
-    def array(self) -> np.ndarray:
-        return np.frombuffer(self.data, dtype=np.float32).reshape(-1, self.dim)
+    def rows(self) -> VectorRows:
+        return VectorRows(self.data, self.dim)
 
 
 @dataclass(frozen=True)

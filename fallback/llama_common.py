@@ -26,8 +26,9 @@ def thread_count(requested: int) -> int:
 
 def open_llama(spec: ModelSpec, **kwargs: Any) -> Any:
     """Construct a llama_cpp.Llama for `spec`, turning library errors into BackendError."""
-    from llama_cpp import Llama
+    from .llama_bindings import high_level
 
+    Llama = high_level().Llama
     path = Path(spec.path)
     if not path.is_file():
         raise ModelLoadError(f"model file {path} does not exist")

@@ -12,8 +12,6 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-import numpy as np
-
 from npuserve.daemon.backend_api import (
     Backend,
     BackendError,
@@ -24,6 +22,7 @@ from npuserve.daemon.backend_api import (
     RerankOutput,
 )
 from npuserve.daemon.qmd_conventions import expansion_prompt, parse_expansion
+from npuserve.daemon.vector_rows import VectorRows, l2_normalized
 from npuserve.daemon.worker_protocol import ModelSpec
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)
@@ -80,10 +79,11 @@ class OllamaBackend(Backend):
 
     def embed(self, texts: list[str]) -> EmbedOutput:
         out = self._post("/api/embed", {"model": self.model, "input": texts})
-        vectors = np.asarray(out["embeddings"], dtype=np.float32)
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        vectors /= np.where(norms == 0, 1.0, norms)
-        return EmbedOutput(vectors, [False] * len(texts), int(out.get("prompt_eval_count", 0)))
+        rows = [l2_normalized([float(x) for x in row]) for row in out["embeddings"]]
+        if len(rows) != len(texts) or any(len(row) != len(rows[0]) for row in rows):
+            raise BackendError("the NPU server returned a malformed embedding list")
+        return EmbedOutput(VectorRows.from_rows(rows, len(rows[0]) if rows else 1),
+                           [False] * len(texts), int(out.get("prompt_eval_count", 0)))
 
     def rerank(self, query: str, documents: list[str], instruction: str) -> RerankOutput:
         out = self._post("/api/rerank", {"model": self.model, "query": query,

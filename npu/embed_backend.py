@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from npuserve.daemon.backend_api import Backend, BackendError, EmbedOutput, LoadInfo, ModelLoadError
+from npuserve.daemon.vector_rows import VectorRows
 from npuserve.daemon.worker_protocol import ModelSpec
 
 from .model_dir import Bucket, ManifestError, NpuModel, load_manifest
@@ -128,5 +129,6 @@ class NpuEmbedBackend(Backend):
                     out[i] = self._pool(res[0], len(jobs[i][0]))
         except NpuError as exc:
             raise BackendError(f"NPU: {exc}") from None
-        return EmbedOutput(vectors=out, truncated=truncated,
+        return EmbedOutput(vectors=VectorRows(out.astype("<f4").tobytes(), model.dim),
+                           truncated=truncated,
                            tokens=sum(len(ids) for ids, _ in jobs))
