@@ -151,19 +151,11 @@ def bench_rerank(model: Path, n_docs: int, rounds: int) -> tuple[float, float, f
     backend.load()
     query = "how does apt verify package signatures before installing"
     docs = [passage(i) for i in range(n_docs)]
-    llm = backend.llm
 
     def full_prompt() -> list[float]:
         prefix, suffix = split_rerank_template(SMOLLM2_RERANK_TEMPLATE, DEFAULT_INSTRUCTION, query)
-        scores = []
-        for d in docs:
-            llm.reset()
-            llm._ctx.kv_cache_clear()
-            toks = backend._tokenize(prefix, special=True) + backend._tokenize(d) + \
-                backend._tokenize(suffix, special=True)
-            llm.eval(toks)
-            scores.append(backend._last_p_yes())
-        return scores
+        return [backend.p_yes_of(backend._tokenize(prefix, special=True) + backend._tokenize(d)
+                                 + backend._tokenize(suffix, special=True)) for d in docs]
 
     reuse_t = full_t = float("inf")
     diff = 0.0

@@ -36,6 +36,13 @@ class ExpandOutput:
     raw: str = ""
 
 
+@dataclass(frozen=True)
+class ExpandRequest:
+    query: str
+    intent: str | None
+    include_lexical: bool
+
+
 @dataclass
 class LoadInfo:
     """What a backend reports after loading: for health, metrics and calibration."""
@@ -72,6 +79,10 @@ class Backend(abc.ABC):
 
     def expand(self, query: str, intent: str | None, include_lexical: bool) -> ExpandOutput:
         raise BackendError(f"{type(self).__name__} cannot expand")
+
+    def expand_many(self, requests: list[ExpandRequest]) -> list[ExpandOutput]:
+        """Several expansions in one call; backends that can generate side by side do."""
+        return [self.expand(r.query, r.intent, r.include_lexical) for r in requests]
 
     @abc.abstractmethod
     def count_tokens(self, text: str) -> int: ...

@@ -75,6 +75,8 @@ _SCHEDULER: dict[str, Key] = {
         " resident model's before the device switches (at least two measured swaps)",
         minimum=0),
     "coalesce_texts": Key(int, 64, "most texts merged into one embedding call", minimum=1),
+    "coalesce_expansions": Key(int, 8, "most expansions generated side by side in one call",
+                               minimum=1),
     "max_queue": Key(int, 4096, "most queued items before 503", minimum=1),
     "request_timeout": Key(
         float, 300.0, "the longest any request may take (QMD's client gives up at 300 s)",

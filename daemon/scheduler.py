@@ -418,6 +418,8 @@ class Lane:
     def _take(self, model: ModelState) -> list[Job]:
         first = model.queue.popleft()
         jobs = [first]
+        if isinstance(first.request, wp.Expand):
+            return jobs + self._take_expansions(model, first)
         if isinstance(first.request, wp.Embed):
             limit = self.sched.coalesce_texts
             total = first.items
@@ -428,6 +430,24 @@ class Lane:
                 jobs.append(model.queue.popleft())
                 total += nxt.items
         return jobs
+
+    def _take_expansions(self, model: ModelState, first: Job) -> list[Job]:
+        """Other expansions to generate beside `first`. With aging they may come from
+        behind a rerank in the same model's queue (a rerank waits one batched step, not
+        eight sequential ones); fifo takes only those next in line."""
+        limit = self.sched.coalesce_expansions
+        taken: list[Job] = []
+        kept: list[Job] = []
+        while model.queue and 1 + len(taken) < limit:
+            job = model.queue.popleft()
+            if isinstance(job.request, wp.Expand) and self._may_coalesce(model, job):
+                taken.append(job)
+            else:
+                kept.append(job)
+                if self.sched.switching == "fifo":
+                    break
+        model.queue.extendleft(reversed(kept))
+        return taken
 
     def _may_coalesce(self, model: ModelState, job: Job) -> bool:
         """fifo (the comparison baseline) serves strictly in arrival order: a job joins
@@ -467,6 +487,9 @@ class Lane:
             job.timing.inference = elapsed
         if isinstance(reply, wp.Vectors) and len(jobs) > 1:
             _split_vectors(jobs, reply)
+        elif isinstance(reply, wp.LinesMany):
+            for job, lines in zip(jobs, reply.items, strict=True):
+                _settle(job, lines)
         else:
             for job in jobs:
                 _settle(job, reply)
@@ -545,6 +568,8 @@ def _merge(jobs: list[Job]) -> wp.Request:
     if len(jobs) == 1:
         return jobs[0].request
     first = jobs[0].request
+    if isinstance(first, wp.Expand):
+        return wp.ExpandMany(first.model_id, tuple(j.request for j in jobs))  # type: ignore[misc]
     assert isinstance(first, wp.Embed)
     texts: list[str] = []
     for job in jobs:
@@ -610,6 +635,7 @@ class Scheduler:
         self.aging_s = float(cfg.get("scheduler.aging_ms")) / 1000.0
         self.hysteresis_s = float(cfg.get("scheduler.switch_hysteresis_ms")) / 1000.0
         self.coalesce_texts = int(cfg.get("scheduler.coalesce_texts"))
+        self.coalesce_expansions = int(cfg.get("scheduler.coalesce_expansions"))
         self.max_queue = int(cfg.get("scheduler.max_queue"))
         self.request_timeout = float(cfg.get("scheduler.request_timeout"))
         self.reserve_bytes = int(float(cfg.get("scheduler.memory_reserve_mb")) * 1024 * 1024)

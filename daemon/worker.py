@@ -14,7 +14,7 @@ import time
 from multiprocessing.connection import Connection
 
 from . import worker_protocol as wp
-from .backend_api import Backend, BackendError, ModelLoadError
+from .backend_api import Backend, BackendError, ExpandRequest, ModelLoadError
 
 log = logging.getLogger("npuserve.worker")
 
@@ -87,6 +87,12 @@ class Worker:
         if isinstance(req, wp.Expand):
             e = backend.expand(req.query, req.intent, req.include_lexical)
             return wp.Lines(tuple(e.lines), e.tokens, _since(start))
+        if isinstance(req, wp.ExpandMany):
+            outs = backend.expand_many([ExpandRequest(r.query, r.intent, r.include_lexical)
+                                        for r in req.requests])
+            seconds = _since(start)
+            return wp.LinesMany(tuple(wp.Lines(tuple(e.lines), e.tokens, seconds)
+                                      for e in outs))
         return wp.Failure(f"unknown request {type(req).__name__}", kind="bad_request")
 
     def _load(self, spec: wp.ModelSpec) -> wp.Reply:

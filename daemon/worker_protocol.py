@@ -67,6 +67,14 @@ class Expand:
 
 
 @dataclass(frozen=True)
+class ExpandMany:
+    """Expansions of several requests, generated side by side."""
+
+    model_id: str
+    requests: tuple[Expand, ...]
+
+
+@dataclass(frozen=True)
 class CountTokens:
     spec: ModelSpec  # the tokenizer alone is used; the model need not be loaded
     texts: tuple[str, ...]
@@ -77,7 +85,7 @@ class Stats:
     pass
 
 
-Request = Load | Unload | Embed | Rerank | Expand | CountTokens | Stats
+Request = Load | Unload | Embed | Rerank | Expand | ExpandMany | CountTokens | Stats
 
 # --- replies --------------------------------------------------------------
 
@@ -134,6 +142,11 @@ class Lines:
 
 
 @dataclass(frozen=True)
+class LinesMany:
+    items: tuple[Lines, ...]  # one per request of ExpandMany, in order
+
+
+@dataclass(frozen=True)
 class TokenCounts:
     counts: tuple[int, ...]
 
@@ -153,4 +166,5 @@ class Failure:
     kind: str = "backend"  # backend | bad_request | not_loaded | unavailable
 
 
-Reply = Loaded | Unloaded | Vectors | Scores | Lines | TokenCounts | WorkerStats | Failure
+Reply = (Loaded | Unloaded | Vectors | Scores | Lines | LinesMany | TokenCounts | WorkerStats
+         | Failure)

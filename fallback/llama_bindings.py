@@ -36,6 +36,9 @@ def lib() -> ModuleType:
                                      " (pip install 'npuserve[cpu]')")
             pkg = importlib.util.module_from_spec(spec)
             setattr(pkg, _DEFERRED, True)
+            # Anyone else in this process asking the package for a high-level name
+            # (`from llama_cpp import Llama`) finishes its import first (PEP 562).
+            pkg.__getattr__ = _finish_then_get  # type: ignore[attr-defined]
             sys.modules["llama_cpp"] = pkg
         mod = importlib.import_module("llama_cpp.llama_cpp")
     if "backend" not in _state:
@@ -50,9 +53,17 @@ def high_level() -> ModuleType:
     pkg = sys.modules.get("llama_cpp")
     if pkg is not None and getattr(pkg, _DEFERRED, False):
         delattr(pkg, _DEFERRED)
+        del pkg.__getattr__
         assert pkg.__spec__ is not None and pkg.__spec__.loader is not None
         pkg.__spec__.loader.exec_module(pkg)  # reuses the bindings already imported
     return importlib.import_module("llama_cpp")
+
+
+def _finish_then_get(name: str) -> Any:
+    pkg = high_level()
+    if name in pkg.__dict__:
+        return pkg.__dict__[name]
+    raise AttributeError(f"module 'llama_cpp' has no attribute {name!r}")
 
 
 def _quiet(mod: ModuleType) -> None:

@@ -53,14 +53,16 @@ class LlamaModel:
             raise ModelLoadError(f"cannot load {Path(path).name}: llama.cpp rejected the file")
         self.vocab = self.lib.llama_model_get_vocab(self.ptr)
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, add_special: bool = True,
+                 parse_special: bool = False) -> list[int]:
         data = text.encode("utf-8")
         room = len(data) + 8  # a token is at least one byte, plus BOS/CLS and EOS/SEP
         buf = (self.lib.llama_token * room)()
-        n = self.lib.llama_tokenize(self.vocab, data, len(data), buf, room, True, False)
+        args = (add_special, parse_special)
+        n = self.lib.llama_tokenize(self.vocab, data, len(data), buf, room, *args)
         if n < 0:  # cannot happen with that room; llama.cpp returns -needed
             buf = (self.lib.llama_token * -n)()
-            n = self.lib.llama_tokenize(self.vocab, data, len(data), buf, -n, True, False)
+            n = self.lib.llama_tokenize(self.vocab, data, len(data), buf, -n, *args)
         if n < 0:
             raise BackendError(f"cannot tokenize a text of {len(data)} bytes")
         return buf[:n]

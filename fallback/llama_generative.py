@@ -1,21 +1,26 @@
 """Logit rerank and query expansion on the CPU with one causal GGUF model.
 
-Both tasks share the loaded weights, so a model configured for rerank and
-expansion is loaded once.
+Both tasks share the loaded weights, so a model configured for rerank and expansion is
+loaded once. Written on llama.cpp's C API (`llama_bindings.lib()`): expansion decodes
+several requests' sequences per step (one llama_decode for all of them), which the
+high-level `Llama` cannot, and the worker needs neither numpy nor jinja2.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from npuserve.daemon.backend_api import (
     Backend,
     BackendError,
     ExpandOutput,
+    ExpandRequest,
     LoadInfo,
+    ModelLoadError,
     RerankOutput,
 )
 from npuserve.daemon.config import DEFAULT_RERANK_TEMPLATE
@@ -27,10 +32,14 @@ from npuserve.daemon.qmd_conventions import (
 )
 from npuserve.daemon.worker_protocol import ModelSpec
 
-from .llama_common import close_llama, file_memory_estimate, open_llama, open_vocab, thread_count
+from .llama_common import file_memory_estimate, thread_count
+from .llama_embed import LlamaModel
 
 # Tokens a document keeps at least; a query that leaves less room is refused.
 MIN_DOC_TOKENS = 16
+# Expansions generated together, one token each per decode: a step of a small model is
+# memory-bound, so eight sequences cost little more than one (bench/bench_scheduler.py).
+MAX_PARALLEL_EXPANSIONS = 8
 
 
 def p_yes(logit_yes: float, logit_no: float) -> float:
@@ -38,52 +47,103 @@ def p_yes(logit_yes: float, logit_no: float) -> float:
     return 1.0 / (1.0 + math.exp(logit_no - logit_yes))
 
 
+@dataclass
+class _Sampler:
+    """QMD's sampling under the expansion grammar, grammar checked after sampling.
+
+    Applying the grammar to all 49k candidates cost 6 ms a token here, half of an
+    expansion's time. So, as llama.cpp's own samplers do: `free` samples without the
+    grammar, the grammar checks that one token, and only a token it rejects is drawn
+    again by `strict`, whose first stage is the grammar. Both chains accept every token
+    kept, so the grammar's state and the penalties' history follow the text.
+    """
+
+    free: Any
+    strict: Any
+    grammar: Any  # strict's first stage
+    one: Any  # a one-candidate llama_token_data_array for the check
+    slot: Any
+
+
+@dataclass
+class _Sequence:
+    """One expansion in flight: its sampler, output bytes, where it stands."""
+
+    index: int
+    prompt: list[int]
+    sampler: _Sampler
+    out: bytearray
+    generated: int = 0
+    logits_at: int = -1  # batch position of its last token's logits
+    done: bool = False
+
+
 class LlamaGenerativeBackend(Backend):
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
-        self.llm: Any = None
-        self.vocab: Any = None
+        self.model: LlamaModel | None = None
+        self.ctx: Any = None
+        self.batch: Any = None
+        self.vocab: LlamaModel | None = None
+        self.n_ctx = 0
+        self.n_batch = 0
         self._yes = self._no = -1
-        self._grammar: Any = None
+        self._seed = 0
 
     # --- lifecycle ------------------------------------------------------
 
     def load(self) -> LoadInfo:
-        threads = thread_count(self.spec.threads)
-        self.llm = open_llama(
-            self.spec,
-            n_ctx=self.spec.n_ctx,
-            n_batch=min(512, self.spec.n_ctx),
-            n_threads=threads,
-            n_threads_batch=threads,
-            logits_all=False,
-            seed=int(self.spec.option("seed", -1)) & 0xFFFFFFFF,
-        )
-        self.vocab = self.llm
+        self.model = LlamaModel(self.spec.path)
+        llama = self.model.lib
+        params = llama.llama_context_default_params()
+        params.n_ctx = self.spec.n_ctx
+        params.n_batch = params.n_ubatch = min(512, self.spec.n_ctx)
+        params.n_seq_max = MAX_PARALLEL_EXPANSIONS
+        params.kv_unified = True  # sequences share the context's cells, any length each
+        params.n_threads = params.n_threads_batch = thread_count(self.spec.threads)
+        params.flash_attn_type = (llama.LLAMA_FLASH_ATTN_TYPE_ENABLED
+                                  if self.spec.option("flash_attn", True)
+                                  else llama.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        self.ctx = llama.llama_init_from_model(self.model.ptr, params)
+        if not self.ctx:
+            self.unload()
+            raise ModelLoadError(f"cannot create a context for {Path(self.spec.path).name}")
+        self.n_ctx = int(llama.llama_n_ctx(self.ctx))
+        self.n_batch = int(llama.llama_n_batch(self.ctx))
+        self.batch = llama.llama_batch_init(self.n_batch, 0, 1)
+        self._seed = int(self.spec.option("seed", -1)) & 0xFFFFFFFF
         self._yes = self._single_token(str(self.spec.option("yes_token", "yes")))
         self._no = self._single_token(str(self.spec.option("no_token", "no")))
-        return LoadInfo(
-            name=self.spec.model_id,
-            tasks=["rerank", "expand"],
-            n_ctx=int(self.llm.n_ctx()),
-            details={"yes_id": self._yes, "no_id": self._no},
-        )
+        return LoadInfo(name=self.spec.model_id, tasks=["rerank", "expand"], n_ctx=self.n_ctx,
+                        details={"yes_id": self._yes, "no_id": self._no})
 
     def unload(self) -> None:
-        close_llama(self.llm)
-        self.llm = None
-        self.vocab = None
-        self._grammar = None
+        if self.model is None:
+            return
+        llama = self.model.lib
+        if self.batch is not None:
+            llama.llama_batch_free(self.batch)
+            self.batch = None
+        if self.ctx:
+            llama.llama_free(self.ctx)
+            self.ctx = None
+        self.model.close()
+        self.model = None
 
     def memory_estimate(self) -> int:
         return file_memory_estimate(self.spec, per_ctx_token=64 * 1024)
 
     # --- tokens ---------------------------------------------------------
 
+    def _tokenizer(self) -> LlamaModel:
+        if self.model is not None:
+            return self.model
+        if self.vocab is None:  # a few MB, no weights, no context
+            self.vocab = LlamaModel(self.spec.path, vocab_only=True)
+        return self.vocab
+
     def _tokenize(self, text: str, special: bool = False) -> list[int]:
-        if self.vocab is None:
-            self.vocab = open_vocab(self.spec)
-        return self.vocab.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+        return self._tokenizer().tokenize(text, add_special=False, parse_special=special)
 
     def _single_token(self, word: str) -> int:
         toks = self._tokenize(word)
@@ -94,27 +154,65 @@ class LlamaGenerativeBackend(Backend):
     def count_tokens(self, text: str) -> int:
         return len(self._tokenize(text))
 
+    # --- decoding -------------------------------------------------------
+
+    def _clear(self) -> None:
+        assert self.model is not None
+        self.model.lib.llama_memory_clear(self.model.lib.llama_get_memory(self.ctx), True)
+
+    def _decode(self, items: list[tuple[int, int, int, bool]]) -> None:
+        """One llama_decode of (token, position, sequence, wants logits) entries."""
+        assert self.model is not None
+        batch = self.batch
+        for j, (tok, pos, seq, logits) in enumerate(items):
+            batch.token[j], batch.pos[j] = tok, pos
+            batch.seq_id[j][0], batch.n_seq_id[j], batch.logits[j] = seq, 1, logits
+        batch.n_tokens = len(items)
+        code = self.model.lib.llama_decode(self.ctx, batch)
+        if code != 0:
+            raise BackendError(f"llama_decode failed with code {code}")
+
+    def _eval(self, tokens: list[int], start: int, seq: int = 0) -> None:
+        """Tokens of one sequence from position `start`, logits for the last one."""
+        for i in range(0, len(tokens), self.n_batch):
+            chunk = tokens[i:i + self.n_batch]
+            last = i + len(chunk) == len(tokens)
+            self._decode([(t, start + i + k, seq, last and k == len(chunk) - 1)
+                          for k, t in enumerate(chunk)])
+
+    def _logit_pair(self, a: int, b: int) -> tuple[float, float]:
+        assert self.model is not None
+        ptr = self.model.lib.llama_get_logits_ith(self.ctx, -1)
+        logits = ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float))
+        return float(logits[a]), float(logits[b])
+
+    def p_yes_of(self, tokens: list[int]) -> float:
+        """P(yes) after a whole prompt evaluated from scratch (the no-reuse baseline)."""
+        self._clear()
+        self._eval(tokens, 0)
+        return p_yes(*self._logit_pair(self._yes, self._no))
+
     # --- rerank ---------------------------------------------------------
 
     def rerank(self, query: str, documents: list[str], instruction: str) -> RerankOutput:
-        if self.llm is None:
+        if self.model is None:
             raise BackendError("rerank model is not loaded")
-        llm = self.llm
         template = str(self.spec.option("template", DEFAULT_RERANK_TEMPLATE))
         prefix_text, suffix_text = split_rerank_template(template, instruction, query)
         prefix = self._tokenize(prefix_text, special=True)
         suffix = self._tokenize(suffix_text, special=True)
-        budget = llm.n_ctx() - len(prefix) - len(suffix)
+        budget = self.n_ctx - len(prefix) - len(suffix)
         if budget < MIN_DOC_TOKENS:
             raise ValueError(
                 f"query is too long for the rerank context ({len(prefix)} prompt tokens,"
-                f" context {llm.n_ctx()})"
+                f" context {self.n_ctx})"
             )
-        # The prefix (system, instruction, query) is evaluated once; each
-        # document then only evaluates its own tokens on top of that KV cache.
-        llm.reset()
-        llm._ctx.kv_cache_clear()
-        llm.eval(prefix)
+        # The prefix (system, instruction, query) is evaluated once; each document then
+        # only evaluates its own tokens on top of that KV cache (scores identical).
+        llama = self.model.lib
+        memory = llama.llama_get_memory(self.ctx)
+        self._clear()
+        self._eval(prefix, 0)
         scores: list[float] = []
         truncated: list[bool] = []
         total = len(prefix)
@@ -122,43 +220,206 @@ class LlamaGenerativeBackend(Backend):
             toks = self._tokenize(doc)
             truncated.append(len(toks) > budget)
             toks = toks[:budget] + suffix
-            llm._ctx.kv_cache_seq_rm(0, len(prefix), -1)
-            llm.n_tokens = len(prefix)
-            llm.eval(toks)
+            llama.llama_memory_seq_rm(memory, 0, len(prefix), -1)
+            self._eval(toks, len(prefix))
             total += len(toks)
-            scores.append(self._last_p_yes())
+            scores.append(p_yes(*self._logit_pair(self._yes, self._no)))
         return RerankOutput(scores=scores, truncated=truncated, tokens=total)
-
-    def _last_p_yes(self) -> float:
-        import llama_cpp
-
-        # With logits_all=False, Llama.scores is not filled for us: read the
-        # last position's logits straight from the context.
-        ptr = llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)
-        logits = np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),))
-        return p_yes(float(logits[self._yes]), float(logits[self._no]))
 
     # --- expansion ------------------------------------------------------
 
     def expand(self, query: str, intent: str | None, include_lexical: bool) -> ExpandOutput:
-        if self.llm is None:
-            raise BackendError("expansion model is not loaded")
-        from llama_cpp import LlamaGrammar
+        return self.expand_many([ExpandRequest(query, intent, include_lexical)])[0]
 
+    def expand_many(self, requests: list[ExpandRequest]) -> list[ExpandOutput]:
+        """Expansions generated side by side: as many sequences per step as the context
+        holds at their worst-case length (prompt + max_tokens), at most
+        MAX_PARALLEL_EXPANSIONS."""
+        if self.model is None:
+            raise BackendError("expansion model is not loaded")
+        max_new = self._max_new_tokens()
+        prompts = [self._chat_prompt(expansion_prompt(r.query, r.intent)) for r in requests]
+        raws: list[tuple[str, int]] = [("", 0)] * len(requests)
+        group: list[int] = []
+        used = 0
+        for i, prompt in enumerate(prompts):
+            need = len(prompt) + max_new
+            if need > self.n_ctx:
+                raise ValueError(f"the expansion prompt ({len(prompt)} tokens) and max_tokens"
+                                 f" ({max_new}) exceed the model's context ({self.n_ctx})")
+            if group and (used + need > self.n_ctx or len(group) == MAX_PARALLEL_EXPANSIONS):
+                self._generate(group, prompts, max_new, raws)
+                group, used = [], 0
+            group.append(i)
+            used += need
+        if group:
+            self._generate(group, prompts, max_new, raws)
+        return [ExpandOutput(lines=parse_expansion(raw, r.query, r.include_lexical),
+                             tokens=tokens, raw=raw)
+                for r, (raw, tokens) in zip(requests, raws, strict=True)]
+
+    def _max_new_tokens(self) -> int:
         opt = self.spec.option
-        if self._grammar is None:
-            grammar = expansion_grammar(int(opt("max_lines", 6)), int(opt("max_line_chars", 160)))
-            self._grammar = LlamaGrammar.from_string(grammar, verbose=False)
-        self.llm.reset()
-        result = self.llm.create_chat_completion(
-            messages=[{"role": "user", "content": expansion_prompt(query, intent)}],
-            grammar=self._grammar,
-            temperature=float(opt("temperature", 0.7)),
-            top_k=int(opt("top_k", 20)),
-            top_p=float(opt("top_p", 0.8)),
-            presence_penalty=float(opt("presence_penalty", 0.5)),
-            max_tokens=int(opt("max_tokens", 600)),
-        )
-        raw = result["choices"][0]["message"]["content"] or ""
-        lines = parse_expansion(raw, query, include_lexical)
-        return ExpandOutput(lines=lines, tokens=int(result["usage"]["total_tokens"]), raw=raw)
+        # The grammar caps the text: a token is at least one character.
+        cap = int(opt("max_lines", 6)) * (int(opt("max_line_chars", 160)) + 8)
+        return max(1, min(int(opt("max_tokens", 600)), cap))
+
+    def _generate(self, group: list[int], prompts: list[list[int]], max_new: int,
+                  raws: list[tuple[str, int]]) -> None:
+        assert self.model is not None
+        llama = self.model.lib
+        seqs = [_Sequence(i, prompts[i], self._sampler(), bytearray()) for i in group]
+        try:
+            self._clear()
+            # Prompts: each sequence's tokens at its own seq id, logits at its last token.
+            pending: list[tuple[int, int, int, bool]] = []
+            for s_id, seq in enumerate(seqs):
+                pending += [(t, p, s_id, p == len(seq.prompt) - 1)
+                            for p, t in enumerate(seq.prompt)]
+            self._decode_prompts(pending, seqs)
+            vocab = self.model.vocab
+            while True:
+                step: list[tuple[int, int, int, bool]] = []
+                for s_id, seq in enumerate(seqs):
+                    if seq.done:
+                        continue
+                    tok = self._sample(seq.sampler, seq.logits_at)
+                    if llama.llama_vocab_is_eog(vocab, tok):
+                        seq.done = True
+                        continue
+                    seq.out += self._piece(tok)
+                    seq.generated += 1
+                    if seq.generated >= max_new:
+                        seq.done = True
+                        continue
+                    step.append((tok, len(seq.prompt) + seq.generated - 1, s_id, True))
+                if not step:
+                    break
+                self._decode(step)
+                live = [seq for seq in seqs if not seq.done]
+                for j, seq in enumerate(live):
+                    seq.logits_at = j
+        finally:
+            for seq in seqs:
+                llama.llama_sampler_free(seq.sampler.free)
+                llama.llama_sampler_free(seq.sampler.strict)
+        for seq in seqs:
+            raws[seq.index] = (seq.out.decode("utf-8", "ignore"),
+                               len(seq.prompt) + seq.generated)
+
+    def _decode_prompts(self, items: list[tuple[int, int, int, bool]],
+                        seqs: list[_Sequence]) -> None:
+        """All prompts, n_batch tokens per decode; remember where each one's logits are."""
+        for start in range(0, len(items), self.n_batch):
+            chunk = items[start:start + self.n_batch]
+            self._decode(chunk)
+            for j, (_, _, s_id, wants) in enumerate(chunk):
+                if wants:
+                    seqs[s_id].logits_at = j
+        if len(items) > self.n_batch:  # an earlier chunk's logits are overwritten
+            self._refresh_logits(seqs)
+
+    def _refresh_logits(self, seqs: list[_Sequence]) -> None:
+        """Prompts spread over several decodes: the earlier ones' logits were overwritten,
+        so re-decode each sequence's last prompt token (its KV entry is replaced)."""
+        assert self.model is not None
+        memory = self.model.lib.llama_get_memory(self.ctx)
+        last = [(seq.prompt[-1], len(seq.prompt) - 1, s_id, True)
+                for s_id, seq in enumerate(seqs)]
+        for _, pos, s_id, _ in last:
+            self.model.lib.llama_memory_seq_rm(memory, s_id, pos, -1)
+        self._decode(last)
+        for j in range(len(seqs)):
+            seqs[j].logits_at = j
+
+    def _sampler(self) -> _Sampler:
+        """QMD's sampling (temperature, top-k, top-p, presence penalty) under the bounded
+        expansion grammar; greedy at temperature 0."""
+        assert self.model is not None
+        llama, opt = self.model.lib, self.spec.option
+        grammar = expansion_grammar(int(opt("max_lines", 6)), int(opt("max_line_chars", 160)))
+        seed = self._next_seed()
+        free = self._chain([])
+        strict = self._chain([llama.llama_sampler_init_grammar(
+            self.model.vocab, grammar.encode(), b"root")])
+        for chain in (free, strict):
+            self._add_sampling(chain, seed)
+        slot = (llama.llama_token_data * 1)()
+        one = llama.llama_token_data_array(slot, 1, -1, False)
+        return _Sampler(free, strict, llama.llama_sampler_chain_get(strict, 0), one, slot)
+
+    def _chain(self, first: list[Any]) -> Any:
+        assert self.model is not None
+        llama = self.model.lib
+        chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+        for part in first:
+            if not part:
+                llama.llama_sampler_free(chain)
+                raise BackendError("llama.cpp rejected the expansion grammar")
+            llama.llama_sampler_chain_add(chain, part)
+        return chain
+
+    def _add_sampling(self, chain: Any, seed: int) -> None:
+        assert self.model is not None
+        llama, opt = self.model.lib, self.spec.option
+        parts = [llama.llama_sampler_init_penalties(
+            llama.llama_vocab_n_tokens(self.model.vocab), 64, 1.0, 0.0,
+            float(opt("presence_penalty", 0.5)))]
+        temperature = float(opt("temperature", 0.7))
+        if temperature <= 0:
+            parts.append(llama.llama_sampler_init_greedy())
+        else:
+            parts += [llama.llama_sampler_init_top_k(int(opt("top_k", 20))),
+                      llama.llama_sampler_init_top_p(float(opt("top_p", 0.8)), 1),
+                      llama.llama_sampler_init_temp(temperature),
+                      llama.llama_sampler_init_dist(seed)]
+        for part in parts:
+            llama.llama_sampler_chain_add(chain, part)
+
+    def _sample(self, smp: _Sampler, idx: int) -> int:
+        assert self.model is not None
+        llama = self.model.lib
+        tok = llama.llama_sampler_sample(smp.free, self.ctx, idx)  # accepted by `free`
+        smp.slot[0].id, smp.slot[0].logit, smp.slot[0].p = tok, 0.0, 0.0
+        smp.one.size, smp.one.selected = 1, -1
+        llama.llama_sampler_apply(smp.grammar, ctypes.byref(smp.one))
+        if smp.slot[0].logit != -math.inf:
+            llama.llama_sampler_accept(smp.strict, tok)
+            return tok
+        tok = llama.llama_sampler_sample(smp.strict, self.ctx, idx)  # accepted by `strict`
+        llama.llama_sampler_accept(smp.free, tok)
+        return tok
+
+    def _next_seed(self) -> int:
+        if self._seed == 0xFFFFFFFF:  # -1: a fresh random seed each time
+            return 0xFFFFFFFF
+        self._seed = (self._seed + 1) & 0x7FFFFFFF  # fixed seed: reproducible, distinct
+        return self._seed
+
+    def _piece(self, tok: int) -> bytes:
+        assert self.model is not None
+        buf = ctypes.create_string_buffer(64)
+        n = self.model.lib.llama_token_to_piece(self.model.vocab, tok, buf, 64, 0, False)
+        return buf.raw[:max(0, n)]
+
+    def _chat_prompt(self, user: str) -> list[int]:
+        """The model's own chat template (llama.cpp's built-in renderer), ChatML if none."""
+        assert self.model is not None
+        llama = self.model.lib
+        template = llama.llama_model_chat_template(self.model.ptr, None)
+        text = None
+        if template:
+            msg = llama.llama_chat_message(role=b"user", content=user.encode())
+            chat = (llama.llama_chat_message * 1)(msg)
+            size = len(user.encode()) * 2 + 512
+            buf = ctypes.create_string_buffer(size)
+            n = llama.llama_chat_apply_template(template, chat, 1, True, buf, size)
+            if n > size:  # returns the length it needs
+                size = n
+                buf = ctypes.create_string_buffer(size)
+                n = llama.llama_chat_apply_template(template, chat, 1, True, buf, size)
+            if 0 < n <= size:
+                text = buf.raw[:n].decode("utf-8", "replace")
+        if text is None:
+            text = f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+        return self._tokenizer().tokenize(text, add_special=True, parse_special=True)

@@ -26,6 +26,9 @@ async def rkllama_like(models_dir):
     emb = LlamaEmbedBackend(ModelSpec("e", "k", emb_path, 512, 0, ()))
     await asyncio.to_thread(gen.load)
     await asyncio.to_thread(emb.load)
+    from llama_cpp import Llama  # the stand-in's free text generation
+
+    free = await asyncio.to_thread(Llama, gen_path, n_ctx=1024, verbose=False)
     calls = {"generate": 0}
 
     async def tags(request):
@@ -52,8 +55,8 @@ async def rkllama_like(models_dir):
         assert body["stream"] is False and body["options"]["top_k"] == 20
 
         def run():
-            gen.llm.reset()
-            r = gen.llm.create_completion(body["prompt"], max_tokens=48, temperature=0)
+            free.reset()
+            r = free.create_completion(body["prompt"], max_tokens=48, temperature=0)
             return r["choices"][0]["text"]
 
         text = await asyncio.to_thread(run)

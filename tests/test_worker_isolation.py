@@ -154,3 +154,23 @@ async def test_queued_request_past_deadline_gets_504_and_never_runs(make_client)
     assert "deadline" in (await late.json())["error"]
     assert (await busy).status == 200
     assert sched.model_state("rerank").loads == 0, "the expired request never reached a model"
+
+
+async def test_concurrent_expansions_are_generated_side_by_side(client):
+    sched = _sched(client)
+    await client.post("/expand", json={"query": "load the model first"})
+    before_calls = sched.metrics["backend_calls"]
+    queries = [f"debian kernel module {i}" for i in range(6)]
+    responses = await asyncio.gather(*[client.post("/expand", json={"query": q})
+                                       for q in queries])
+    assert all(r.status == 200 for r in responses)
+    calls = sched.metrics["backend_calls"] - before_calls
+    assert calls < len(queries), f"{calls} backend calls for {len(queries)} expansions"
+    # Each answer is its own query's: QMD's filter keeps lines sharing a query term, and
+    # the fallback lines carry the query itself.
+    for q, r in zip(queries, responses, strict=True):
+        lines = await r.json()
+        assert lines and all(line["type"] in ("lex", "vec", "hyde") for line in lines)
+        assert any(q.split()[-1] in line["text"] for line in lines) or all(
+            {"debian", "kernel", "module"} & set(line["text"].lower().split())
+            for line in lines)

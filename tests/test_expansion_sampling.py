@@ -1,0 +1,48 @@
+"""Expansion generated side by side under the bounded grammar, sampled the cheap way
+(the grammar checks a sampled token, and only a rejected one is drawn again)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from npuserve.daemon.backend_api import ExpandRequest
+from npuserve.daemon.worker_protocol import ModelSpec
+from npuserve.fallback.llama_generative import LlamaGenerativeBackend
+
+LINE = re.compile(r"^(lex|vec|hyde): [^\n]{1,40}$")
+
+
+@pytest.fixture(scope="module")
+def backend(models_dir):
+    path = str(next(models_dir.glob("SmolLM2*.gguf")))
+    b = LlamaGenerativeBackend(ModelSpec(
+        "g", "llama_cpp_generative", path, 2048, 0,
+        (("temperature", 0.9), ("max_lines", 3), ("max_line_chars", 40), ("seed", 7),
+         ("max_tokens", 200))))
+    b.load()
+    yield b
+    b.unload()
+
+
+def test_every_sampled_text_obeys_the_grammar(backend):
+    requests = [ExpandRequest(f"how do I pin threads to cores {i}", None, True)
+                for i in range(6)]
+    outs = backend.expand_many(requests)
+    assert len(outs) == len(requests)
+    for out in outs:
+        raw_lines = out.raw.split("\n")
+        assert raw_lines[-1] == "", repr(out.raw)  # the grammar ends every line
+        assert 1 <= len(raw_lines) - 1 <= 3, repr(out.raw)
+        assert all(LINE.match(line) for line in raw_lines[:-1]), repr(out.raw)
+        assert out.tokens > 0
+
+
+def test_side_by_side_and_alone_give_the_same_kind_of_answer(backend):
+    alone = backend.expand("sqlite full text search", None, False)
+    together = backend.expand_many([ExpandRequest("sqlite full text search", None, False),
+                                    ExpandRequest("mdns service discovery", None, True)])
+    for out in (alone, together[0]):
+        assert out.lines and all(kind in ("vec", "hyde") for kind, _ in out.lines)
+    assert together[1].lines
