@@ -12,7 +12,12 @@ Policies, each on its own daemon started by this script with the same models:
 Printed: swaps per query, wall time, p50/p95 query latency, peak RSS of the
 whole server (daemon + worker processes), and the ratios the issue targets.
 
+With `--expand-model FILE` expansion runs on a third model of its own (as on a board:
+embedding, reranker and expansion models are three files), instead of sharing the
+default SmolLM2 with rerank.
+
 Usage: python bench/bench_scheduler.py [--state-dir DIR] [--clients 8] [--queries 10]
+                                       [--think S] [--expand-model FILE]
 """
 
 from __future__ import annotations
@@ -128,6 +133,8 @@ def main() -> int:
     ap.add_argument("--think", type=float, default=0.0,
                     help="mean seconds an agent pauses between queries (exponential)")
     ap.add_argument("--policies", default="aging,fifo,resident")
+    ap.add_argument("--expand-model", type=Path, default=None,
+                    help="a GGUF for expansion alone (a third model), e.g. gemma-3-270m")
     args = ap.parse_args()
     from npuserve.daemon.config import load_config
 
@@ -135,6 +142,8 @@ def main() -> int:
     # Greedy, short expansions so every policy does the same work.
     common = ["models.expand.temperature=0", "models.expand.max_tokens=48",
               "scheduler.keep_alive=-1"]
+    if args.expand_model:
+        common.append(f"models.expand.path={args.expand_model.resolve()}")
     policies = {
         "aging": common + ["scheduler.policy=sequential", "scheduler.switching=aging"],
         "fifo": common + ["scheduler.policy=sequential", "scheduler.switching=fifo"],
@@ -149,7 +158,8 @@ def main() -> int:
               f"wall {r['wall']:.1f}s  p50 {r['p50']:.2f}s  p95 {r['p95']:.2f}s  "
               f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
     print(f"\n{args.clients} clients x {args.queries} queries (expand -> embed-batch 3 -> "
-          f"rerank 10), think time {args.think:g}s")
+          f"rerank 10), think time {args.think:g}s, expansion on "
+          f"{args.expand_model.name if args.expand_model else 'the rerank model'}")
     a, f, res = (results.get(k) for k in ("aging", "fifo", "resident"))
     if a and f:
         print(f"swaps per query, aging / fifo     "

@@ -58,6 +58,33 @@ async def test_aging_bound_prevents_starvation(make_client):
     assert _sched(client).metrics["loads"] >= 3  # embed -> rerank -> embed again
 
 
+async def test_aging_bound_never_preempts_older_work(make_client):
+    """Reranks queued first, an embed just after: past a tiny aging bound the embed still
+    waits, because the resident model is serving older requests (nobody starves) - one
+    swap, not two."""
+    client = await make_client(scheduler__aging_ms="100", scheduler__switch_hysteresis_ms="0")
+    sched = _sched(client)
+    await client.post("/rerank", json={"query": "warm", "documents": DOCS})  # S resident
+    loads = sched.metrics["loads"]
+    order: list[str] = []
+    docs = [{"file": f"{i}.md", "text": PASSAGE} for i in range(6)]
+
+    async def rerank(i: int) -> None:
+        resp = await client.post("/rerank", json={"query": f"apt {i}", "documents": docs})
+        assert resp.status == 200
+        order.append(f"rerank{i}")
+
+    async def embed() -> None:
+        await asyncio.sleep(0.05)
+        resp = await client.post("/embed", json={"text": "later"})
+        assert resp.status == 200
+        order.append("embed")
+
+    await asyncio.gather(*[rerank(i) for i in range(4)], embed())
+    assert order[-1] == "embed", order
+    assert sched.metrics["loads"] - loads == 1  # the embedding model, once
+
+
 async def test_hysteresis_serves_the_older_request_of_another_model(make_client):
     """With the aging bound out of reach, the rerank still goes before embeds that
     arrived well after it (once it is older than their head by the hysteresis)."""
