@@ -98,6 +98,10 @@ _MODEL: dict[str, Key] = {
     "flash_attn": Key(bool, True, "llama.cpp flash attention on the CPU: same results, ~1.5x"
                       " (100 tokens) to ~2x (440 tokens) faster embeddings; also lets short"
                       " texts be packed per decode"),
+    "n_ubatch": Key(int, 128, "llama.cpp micro-batch of rerank/expansion models: its compute"
+                    " buffer holds vocabulary logits per position (gemma-3-270m: 515 MB at 512,"
+                    " 129 MB at 128; speed the same). Embedding models use their context",
+                    minimum=1),
     "backend": Key(
         str, "local", "local (llama.cpp / RKNN in a worker) or ollama (an Ollama-compatible"
         " server such as rkllama)", ("local", "ollama")),

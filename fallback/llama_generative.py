@@ -40,6 +40,7 @@ MIN_DOC_TOKENS = 16
 # Expansions generated together, one token each per decode: a step of a small model is
 # memory-bound, so eight sequences cost little more than one (bench/bench_scheduler.py).
 MAX_PARALLEL_EXPANSIONS = 8
+DEFAULT_UBATCH = 128
 
 
 def p_yes(logit_yes: float, logit_no: float) -> float:
@@ -97,7 +98,13 @@ class LlamaGenerativeBackend(Backend):
         llama = self.model.lib
         params = llama.llama_context_default_params()
         params.n_ctx = self.spec.n_ctx
-        params.n_batch = params.n_ubatch = min(512, self.spec.n_ctx)
+        # llama.cpp reserves its compute buffer for logits over the whole vocabulary at
+        # every position of a micro-batch: 515 MB for gemma-3-270m (262k tokens) at 512,
+        # 129 MB at 128. Rerank and expansion need logits at one position per sequence,
+        # and their documents and prompts are short, so small micro-batches cost little
+        # speed (bench/bench_generative_ubatch.py) and keep the memory.
+        ubatch = int(self.spec.option("n_ubatch", DEFAULT_UBATCH))
+        params.n_batch = params.n_ubatch = max(1, min(ubatch, self.spec.n_ctx))
         params.n_seq_max = MAX_PARALLEL_EXPANSIONS
         params.kv_unified = True  # sequences share the context's cells, any length each
         params.n_threads = params.n_threads_batch = thread_count(self.spec.threads)
