@@ -23,8 +23,8 @@ from npuserve.daemon.backend_api import (
 from npuserve.daemon.vector_rows import VectorRows, l2_normalized
 from npuserve.daemon.worker_protocol import ModelSpec
 
-from .llama_bindings import lib
 from .llama_common import file_memory_estimate, thread_count
+from .llama_session import LlamaModel, LlamaSession
 
 # Sequences one decode may pack. llama.cpp keeps an output row of n_vocab + n_embd floats
 # per sequence slot and clears it all at context creation: llama-cpp-python's 256 slots
@@ -39,41 +39,7 @@ MAX_PACKED_SEQUENCES = 32
 PACK_TOKENS = 128
 
 
-class LlamaModel:
-    """One llama_model (weights or vocabulary only), freed exactly once."""
-
-    def __init__(self, path: str, vocab_only: bool = False) -> None:
-        self.lib = lib()
-        if not Path(path).is_file():
-            raise ModelLoadError(f"model file {path} does not exist")
-        params = self.lib.llama_model_default_params()
-        params.vocab_only = vocab_only
-        self.ptr = self.lib.llama_model_load_from_file(path.encode(), params)
-        if not self.ptr:
-            raise ModelLoadError(f"cannot load {Path(path).name}: llama.cpp rejected the file")
-        self.vocab = self.lib.llama_model_get_vocab(self.ptr)
-
-    def tokenize(self, text: str, add_special: bool = True,
-                 parse_special: bool = False) -> list[int]:
-        data = text.encode("utf-8")
-        room = len(data) + 8  # a token is at least one byte, plus BOS/CLS and EOS/SEP
-        buf = (self.lib.llama_token * room)()
-        args = (add_special, parse_special)
-        n = self.lib.llama_tokenize(self.vocab, data, len(data), buf, room, *args)
-        if n < 0:  # cannot happen with that room; llama.cpp returns -needed
-            buf = (self.lib.llama_token * -n)()
-            n = self.lib.llama_tokenize(self.vocab, data, len(data), buf, -n, *args)
-        if n < 0:
-            raise BackendError(f"cannot tokenize a text of {len(data)} bytes")
-        return buf[:n]
-
-    def close(self) -> None:
-        if self.ptr:
-            self.lib.llama_model_free(self.ptr)
-            self.ptr = None
-
-
-class LlamaEmbedBackend(Backend):
+class LlamaEmbedBackend(LlamaSession, Backend):
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         self.model: LlamaModel | None = None
@@ -136,27 +102,7 @@ class LlamaEmbedBackend(Backend):
             raise ModelLoadError(f"cannot create a context for {Path(self.spec.path).name}")
         return ctx
 
-    def unload(self) -> None:
-        if self.model is None:
-            return
-        llama = self.model.lib
-        if self.batch is not None:
-            llama.llama_batch_free(self.batch)
-            self.batch = None
-        if self.ctx:
-            llama.llama_free(self.ctx)
-            self.ctx = None
-        self.model.close()
-        self.model = None
-
     # --- tokens ------------------------------------------------------------------
-
-    def _tokenizer(self) -> LlamaModel:
-        if self.model is not None:
-            return self.model
-        if self.vocab is None:  # a few MB, no weights, no context
-            self.vocab = LlamaModel(self.spec.path, vocab_only=True)
-        return self.vocab
 
     def _trailing_specials(self) -> list[int]:
         # Tokens the model appends after the text (BERT's [SEP], an EOS for

@@ -33,7 +33,7 @@ from npuserve.daemon.qmd_conventions import (
 from npuserve.daemon.worker_protocol import ModelSpec
 
 from .llama_common import file_memory_estimate, thread_count
-from .llama_embed import LlamaModel
+from .llama_session import LlamaModel, LlamaSession
 
 # Tokens a document keeps at least; a query that leaves less room is refused.
 MIN_DOC_TOKENS = 16
@@ -79,7 +79,7 @@ class _Sequence:
     done: bool = False
 
 
-class LlamaGenerativeBackend(Backend):
+class LlamaGenerativeBackend(LlamaSession, Backend):
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         self.model: LlamaModel | None = None
@@ -124,30 +124,10 @@ class LlamaGenerativeBackend(Backend):
         return LoadInfo(name=self.spec.model_id, tasks=["rerank", "expand"], n_ctx=self.n_ctx,
                         details={"yes_id": self._yes, "no_id": self._no})
 
-    def unload(self) -> None:
-        if self.model is None:
-            return
-        llama = self.model.lib
-        if self.batch is not None:
-            llama.llama_batch_free(self.batch)
-            self.batch = None
-        if self.ctx:
-            llama.llama_free(self.ctx)
-            self.ctx = None
-        self.model.close()
-        self.model = None
-
     def memory_estimate(self) -> int:
         return file_memory_estimate(self.spec, per_ctx_token=64 * 1024)
 
     # --- tokens ---------------------------------------------------------
-
-    def _tokenizer(self) -> LlamaModel:
-        if self.model is not None:
-            return self.model
-        if self.vocab is None:  # a few MB, no weights, no context
-            self.vocab = LlamaModel(self.spec.path, vocab_only=True)
-        return self.vocab
 
     def _tokenize(self, text: str, special: bool = False) -> list[int]:
         return self._tokenizer().tokenize(text, add_special=False, parse_special=special)

@@ -142,7 +142,10 @@ async def test_calibration_persists_across_restarts(make_client, state_dir):
 
 async def test_disconnected_client_work_is_dropped(client):
     sched = _sched(client)
-    busy = asyncio.create_task(client.post("/embed-batch", json={"texts": [PASSAGE] * 64}))
+    # Busy long enough (several seconds) that the rerank is still queued when its client
+    # gives up: embedding got fast enough that 64 passages were done before that.
+    texts = [f"{i} {PASSAGE * 3}" for i in range(192)]
+    busy = asyncio.create_task(client.post("/embed-batch", json={"texts": texts}))
     await asyncio.sleep(0.3)
     with pytest.raises(asyncio.TimeoutError):
         await client.post("/rerank", json={"query": "q", "documents": DOCS},
