@@ -104,7 +104,9 @@ class LlamaGenerativeBackend(LlamaSession, Backend):
         # and their documents and prompts are short, so small micro-batches cost little
         # speed (bench/bench_generative_ubatch.py) and keep the memory.
         ubatch = int(self.spec.option("n_ubatch", DEFAULT_UBATCH))
-        params.n_batch = params.n_ubatch = max(1, min(ubatch, self.spec.n_ctx))
+        # A generation step decodes one token of every parallel sequence at once.
+        params.n_batch = params.n_ubatch = max(MAX_PARALLEL_EXPANSIONS,
+                                               min(ubatch, self.spec.n_ctx))
         params.n_seq_max = MAX_PARALLEL_EXPANSIONS
         params.kv_unified = True  # sequences share the context's cells, any length each
         params.n_threads = params.n_threads_batch = thread_count(self.spec.threads)
@@ -258,12 +260,17 @@ class LlamaGenerativeBackend(LlamaSession, Backend):
         seqs = [_Sequence(i, prompts[i], self._sampler(), bytearray()) for i in group]
         try:
             self._clear()
-            # Prompts: each sequence's tokens at its own seq id, logits at its last token.
-            pending: list[tuple[int, int, int, bool]] = []
+            # Each sequence's prompt at its own seq id, n_batch tokens per decode, all but
+            # the last tokens; then the last tokens together, whose logits the first
+            # sampling step reads (an earlier decode's logits would be overwritten).
+            body = [(t, p, s_id, False) for s_id, seq in enumerate(seqs)
+                    for p, t in enumerate(seq.prompt[:-1])]
+            for start in range(0, len(body), self.n_batch):
+                self._decode(body[start:start + self.n_batch])
+            self._decode([(seq.prompt[-1], len(seq.prompt) - 1, s_id, True)
+                          for s_id, seq in enumerate(seqs)])
             for s_id, seq in enumerate(seqs):
-                pending += [(t, p, s_id, p == len(seq.prompt) - 1)
-                            for p, t in enumerate(seq.prompt)]
-            self._decode_prompts(pending, seqs)
+                seq.logits_at = s_id
             vocab = self.model.vocab
             while True:
                 step: list[tuple[int, int, int, bool]] = []
@@ -293,31 +300,6 @@ class LlamaGenerativeBackend(LlamaSession, Backend):
         for seq in seqs:
             raws[seq.index] = (seq.out.decode("utf-8", "ignore"),
                                len(seq.prompt) + seq.generated)
-
-    def _decode_prompts(self, items: list[tuple[int, int, int, bool]],
-                        seqs: list[_Sequence]) -> None:
-        """All prompts, n_batch tokens per decode; remember where each one's logits are."""
-        for start in range(0, len(items), self.n_batch):
-            chunk = items[start:start + self.n_batch]
-            self._decode(chunk)
-            for j, (_, _, s_id, wants) in enumerate(chunk):
-                if wants:
-                    seqs[s_id].logits_at = j
-        if len(items) > self.n_batch:  # an earlier chunk's logits are overwritten
-            self._refresh_logits(seqs)
-
-    def _refresh_logits(self, seqs: list[_Sequence]) -> None:
-        """Prompts spread over several decodes: the earlier ones' logits were overwritten,
-        so re-decode each sequence's last prompt token (its KV entry is replaced)."""
-        assert self.model is not None
-        memory = self.model.lib.llama_get_memory(self.ctx)
-        last = [(seq.prompt[-1], len(seq.prompt) - 1, s_id, True)
-                for s_id, seq in enumerate(seqs)]
-        for _, pos, s_id, _ in last:
-            self.model.lib.llama_memory_seq_rm(memory, s_id, pos, -1)
-        self._decode(last)
-        for j in range(len(seqs)):
-            seqs[j].logits_at = j
 
     def _sampler(self) -> _Sampler:
         """QMD's sampling (temperature, top-k, top-p, presence penalty) under the bounded

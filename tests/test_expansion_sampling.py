@@ -46,3 +46,19 @@ def test_side_by_side_and_alone_give_the_same_kind_of_answer(backend):
     for out in (alone, together[0]):
         assert out.lines and all(kind in ("vec", "hyde") for kind, _ in out.lines)
     assert together[1].lines
+
+
+def test_a_micro_batch_smaller_than_the_parallel_sequences_still_works(models_dir):
+    """models.expand.n_ubatch = 2 with four expansions side by side: a step decodes one
+    token per sequence, so the batch never holds fewer than the parallel sequences."""
+    path = str(next(models_dir.glob("SmolLM2*.gguf")))
+    b = LlamaGenerativeBackend(ModelSpec("g", "llama_cpp_generative", path, 2048, 0,
+                                         (("n_ubatch", 2), ("temperature", 0.0),
+                                          ("max_tokens", 24))))
+    b.load()
+    try:
+        outs = b.expand_many([ExpandRequest(f"apt signatures {i}", None, True)
+                              for i in range(4)])
+    finally:
+        b.unload()
+    assert len(outs) == 4 and all(out.lines and out.tokens > 0 for out in outs)
