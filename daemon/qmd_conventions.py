@@ -1,9 +1,10 @@
 """QMD's model conventions, shared by every backend: the expansion prompt, its
 bounded grammar, the line filter and fallback, and the split of the rerank
-prompt into a per-request prefix and a per-document part."""
+prompt into a per-request prefix and a per-document part, and the rerank score."""
 
 from __future__ import annotations
 
+import math
 import re
 
 EXPAND_TYPES = ("lex", "vec", "hyde")
@@ -85,3 +86,13 @@ def _fill(text: str, values: dict[str, str]) -> str:
     for name, value in values.items():
         text = text.replace("{" + name + "}", value)
     return text
+
+
+# Tokens a document keeps at least in a rerank prompt; a query that leaves less room is
+# refused.
+MIN_DOC_TOKENS = 16
+
+
+def p_yes(logit_yes: float, logit_no: float) -> float:
+    """The rerank score: softmax([yes, no])[yes] at the prompt's last position, stably."""
+    return 1.0 / (1.0 + math.exp(logit_no - logit_yes))

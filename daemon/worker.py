@@ -23,6 +23,7 @@ BACKENDS: dict[str, str] = {
     "llama_cpp_embed": "npuserve.fallback.llama_embed:LlamaEmbedBackend",
     "llama_cpp_generative": "npuserve.fallback.llama_generative:LlamaGenerativeBackend",
     "rknn_embed": "npuserve.npu.embed_backend:NpuEmbedBackend",
+    "rknn_rerank": "npuserve.npu.rerank_backend:NpuRerankBackend",
     "ollama": "npuserve.fallback.ollama_backend:OllamaBackend",
 }
 

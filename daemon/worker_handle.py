@@ -137,6 +137,19 @@ class WorkerHandle:
             self._proc.kill()
 
 
+def worker_environment() -> dict[str, str]:
+    """The daemon's environment, with glibc's mmap threshold pinned unless set already.
+
+    By default glibc raises that threshold each time a large block is freed, so the
+    multi-megabyte buffers llama.cpp allocates per sampled token (one entry per vocabulary
+    token) move onto the heap and stay there: a worker that had generated with gemma-3
+    kept 53 MB more after its expansions than with the threshold pinned (447 vs 394 MB,
+    no slower). Pinned, such blocks are mapped and returned to the system when freed."""
+    env = dict(os.environ)
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
+    return env
+
+
 class WorkerProcess:
     """A worker started with subprocess, talking over one end of a socket pair.
 
@@ -163,6 +176,7 @@ class WorkerProcess:
                  device],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
+                env=worker_environment(),
             )
         except OSError:
             ours.close()

@@ -25,8 +25,10 @@ from npuserve.daemon.backend_api import (
 )
 from npuserve.daemon.config import DEFAULT_RERANK_TEMPLATE
 from npuserve.daemon.qmd_conventions import (
+    MIN_DOC_TOKENS,
     expansion_grammar,
     expansion_prompt,
+    p_yes,
     parse_expansion,
     split_rerank_template,
 )
@@ -35,33 +37,34 @@ from npuserve.daemon.worker_protocol import ModelSpec
 from .llama_common import file_memory_estimate, thread_count
 from .llama_session import LlamaModel, LlamaSession
 
-# Tokens a document keeps at least; a query that leaves less room is refused.
-MIN_DOC_TOKENS = 16
 # Expansions generated together, one token each per decode: a step of a small model is
 # memory-bound, so eight sequences cost little more than one (bench/bench_scheduler.py).
 MAX_PARALLEL_EXPANSIONS = 8
 DEFAULT_UBATCH = 128
-
-
-def p_yes(logit_yes: float, logit_no: float) -> float:
-    """softmax([yes, no])[yes], computed stably."""
-    return 1.0 / (1.0 + math.exp(logit_no - logit_yes))
+# Candidates a rejected token is drawn again from (the grammar's pass over them is what
+# costs): QMD samples from the top 20, so 256 leave room for the grammar's refusals.
+CONSTRAINED_CANDIDATES = 256
+# llama_token_data as numpy sees it: int32 id, float logit, float p.
+CANDIDATE_DTYPE = [("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]
 
 
 @dataclass
 class _Sampler:
     """QMD's sampling under the expansion grammar, grammar checked after sampling.
 
-    Applying the grammar to all 49k candidates cost 6 ms a token here, half of an
-    expansion's time. So, as llama.cpp's own samplers do: `free` samples without the
-    grammar, the grammar checks that one token, and only a token it rejects is drawn
-    again by `strict`, whose first stage is the grammar. Both chains accept every token
-    kept, so the grammar's state and the penalties' history follow the text.
+    Applying the grammar to every candidate costs a pass over the whole vocabulary: 6 ms
+    a token for SmolLM2's 49k, and for gemma-3's 262k some 50 MB of transient C++
+    allocations (one decoded piece per token), which set the worker's peak memory. So
+    `free` samples without the grammar and the grammar checks that one token; only a
+    token it rejects is drawn again, by `pick` over the CONSTRAINED_CANDIDATES most
+    likely tokens the grammar allows (the whole vocabulary only if it allows none of
+    them). `free` accepts its own draws; `grammar` and `pick` accept every token kept,
+    so the grammar's state and the penalties' history follow the text.
     """
 
-    free: Any
-    strict: Any
-    grammar: Any  # strict's first stage
+    free: Any  # chain: penalties + sampling, drawn with llama_sampler_sample
+    pick: Any  # chain: penalties + sampling, applied to a candidate array
+    grammar: Any  # the expansion grammar, standalone
     one: Any  # a one-candidate llama_token_data_array for the check
     slot: Any
 
@@ -90,6 +93,7 @@ class LlamaGenerativeBackend(LlamaSession, Backend):
         self.n_batch = 0
         self._yes = self._no = -1
         self._seed = 0
+        self._candidates: Any = None  # llama_token_data[n_vocab] while generating
 
     # --- lifecycle ------------------------------------------------------
 
@@ -295,8 +299,8 @@ class LlamaGenerativeBackend(LlamaSession, Backend):
                     seq.logits_at = j
         finally:
             for seq in seqs:
-                llama.llama_sampler_free(seq.sampler.free)
-                llama.llama_sampler_free(seq.sampler.strict)
+                self._free_sampler(llama, seq.sampler)
+            self._candidates = None
         for seq in seqs:
             raws[seq.index] = (seq.out.decode("utf-8", "ignore"),
                                len(seq.prompt) + seq.generated)
@@ -306,31 +310,22 @@ class LlamaGenerativeBackend(LlamaSession, Backend):
         expansion grammar; greedy at temperature 0."""
         assert self.model is not None
         llama, opt = self.model.lib, self.spec.option
-        grammar = expansion_grammar(int(opt("max_lines", 6)), int(opt("max_line_chars", 160)))
+        grammar_text = expansion_grammar(int(opt("max_lines", 6)),
+                                         int(opt("max_line_chars", 160)))
+        grammar = llama.llama_sampler_init_grammar(self.model.vocab, grammar_text.encode(),
+                                                   b"root")
+        if not grammar:
+            raise BackendError("llama.cpp rejected the expansion grammar")
         seed = self._next_seed()
-        free = self._chain([])
-        strict = self._chain([llama.llama_sampler_init_grammar(
-            self.model.vocab, grammar.encode(), b"root")])
-        for chain in (free, strict):
-            self._add_sampling(chain, seed)
+        free, pick = self._chain(seed), self._chain(seed)
         slot = (llama.llama_token_data * 1)()
         one = llama.llama_token_data_array(slot, 1, -1, False)
-        return _Sampler(free, strict, llama.llama_sampler_chain_get(strict, 0), one, slot)
+        return _Sampler(free, pick, grammar, one, slot)
 
-    def _chain(self, first: list[Any]) -> Any:
-        assert self.model is not None
-        llama = self.model.lib
-        chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
-        for part in first:
-            if not part:
-                llama.llama_sampler_free(chain)
-                raise BackendError("llama.cpp rejected the expansion grammar")
-            llama.llama_sampler_chain_add(chain, part)
-        return chain
-
-    def _add_sampling(self, chain: Any, seed: int) -> None:
+    def _chain(self, seed: int) -> Any:
         assert self.model is not None
         llama, opt = self.model.lib, self.spec.option
+        chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
         parts = [llama.llama_sampler_init_penalties(
             llama.llama_vocab_n_tokens(self.model.vocab), 64, 1.0, 0.0,
             float(opt("presence_penalty", 0.5)))]
@@ -344,6 +339,12 @@ class LlamaGenerativeBackend(LlamaSession, Backend):
                       llama.llama_sampler_init_dist(seed)]
         for part in parts:
             llama.llama_sampler_chain_add(chain, part)
+        return chain
+
+    @staticmethod
+    def _free_sampler(lib: Any, smp: _Sampler) -> None:
+        for part in (smp.free, smp.pick, smp.grammar):
+            lib.llama_sampler_free(part)
 
     def _sample(self, smp: _Sampler, idx: int) -> int:
         assert self.model is not None
@@ -352,12 +353,39 @@ class LlamaGenerativeBackend(LlamaSession, Backend):
         smp.slot[0].id, smp.slot[0].logit, smp.slot[0].p = tok, 0.0, 0.0
         smp.one.size, smp.one.selected = 1, -1
         llama.llama_sampler_apply(smp.grammar, ctypes.byref(smp.one))
-        if smp.slot[0].logit != -math.inf:
-            llama.llama_sampler_accept(smp.strict, tok)
-            return tok
-        tok = llama.llama_sampler_sample(smp.strict, self.ctx, idx)  # accepted by `strict`
-        llama.llama_sampler_accept(smp.free, tok)
+        if smp.slot[0].logit == -math.inf:
+            tok = self._constrained(smp, idx)
+            llama.llama_sampler_accept(smp.free, tok)
+        llama.llama_sampler_accept(smp.grammar, tok)
+        llama.llama_sampler_accept(smp.pick, tok)
         return tok
+
+    def _constrained(self, smp: _Sampler, idx: int) -> int:
+        """A token the grammar allows, drawn by `pick` from the most likely candidates."""
+        import numpy as np  # only the worker of a generative model, only on this path
+
+        assert self.model is not None
+        llama = self.model.lib
+        n_vocab = int(llama.llama_vocab_n_tokens(self.model.vocab))
+        if self._candidates is None:
+            self._candidates = (llama.llama_token_data * n_vocab)()
+        view = np.frombuffer(self._candidates, dtype=CANDIDATE_DTYPE)
+        logits = np.ctypeslib.as_array(llama.llama_get_logits_ith(self.ctx, idx),
+                                       shape=(n_vocab,))
+        k = min(CONSTRAINED_CANDIDATES, n_vocab)
+        for ids in (np.argpartition(logits, n_vocab - k)[n_vocab - k:], None):
+            n = n_vocab if ids is None else len(ids)
+            view["id"][:n] = np.arange(n_vocab) if ids is None else ids
+            view["logit"][:n] = logits if ids is None else logits[ids]
+            view["p"][:n] = 0.0
+            cur = llama.llama_token_data_array(self._candidates, n, -1, False)
+            llama.llama_sampler_apply(smp.grammar, ctypes.byref(cur))
+            if np.isfinite(view["logit"][:n]).any():
+                llama.llama_sampler_apply(smp.pick, ctypes.byref(cur))
+                return int(view["id"][cur.selected])
+        # Unreachable with QMD's grammar (a line can always end); a stuck grammar must
+        # fail the request, not abort the worker in llama.cpp's accept.
+        raise BackendError("the expansion grammar allows no token here")
 
     def _next_seed(self) -> int:
         if self._seed == 0xFFFFFFFF:  # -1: a fresh random seed each time

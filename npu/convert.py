@@ -30,11 +30,16 @@ SAMPLE_TEXTS = ("How do I verify the signature of a Debian package?",
                 "sqlite full text search ranks documents with bm25")
 
 
-def build_rknn(onnx_path: Path, rknn_path: Path, tokenizer: Path, seq_len: int,
-               platform: str = "rk3588") -> float:
+Samples = list[list[Any]]  # each: the graph's inputs for one sample, in order
+Compare = Callable[[Any, Any, int], float]  # (simulated, reference, sample) -> agreement
+
+
+def build_rknn(onnx_path: Path, rknn_path: Path, samples: Samples, compare: Compare,
+               minimum: float, platform: str = "rk3588") -> float:
     """rknn-toolkit2: ONNX -> .rknn (fp16, no quantisation), checked on the toolkit's
-    simulator first. Returns the smallest cosine between simulated and onnxruntime
-    outputs over SAMPLE_TEXTS. The NPU itself: untested on hardware."""
+    simulator first: returns the worst agreement between simulated and onnxruntime
+    outputs over the samples, and refuses the graph below `minimum`. The NPU itself:
+    untested on hardware."""
     from rknn.api import RKNN
 
     rknn = RKNN(verbose=False)
@@ -46,19 +51,19 @@ def build_rknn(onnx_path: Path, rknn_path: Path, tokenizer: Path, seq_len: int,
         if rknn.build(do_quantization=False) != 0:
             raise RuntimeError("rknn.build failed")
         # The simulator runs a graph built from ONNX in this session (not a loaded .rknn).
-        cosine = simulator_agreement(rknn, onnx_path, tokenizer, seq_len)
-        if cosine < MIN_SIMULATOR_COSINE:
+        worst = simulator_agreement(rknn, onnx_path, samples, compare)
+        if worst < minimum:
             raise RuntimeError(f"{rknn_path.name}: the simulated graph disagrees with"
-                               f" onnxruntime (cosine {cosine:.4f} < {MIN_SIMULATOR_COSINE})")
+                               f" onnxruntime ({worst:.4f} < {minimum})")
         if rknn.export_rknn(str(rknn_path)) != 0:
             raise RuntimeError("rknn.export_rknn failed")
-        return cosine
+        return worst
     finally:
         rknn.release()
 
 
-def sample_inputs(tokenizer: Path, seq_len: int) -> list[list[Any]]:
-    """SAMPLE_TEXTS as the graph's static int64 inputs (ids, mask), padded to seq_len."""
+def sample_inputs(tokenizer: Path, seq_len: int) -> Samples:
+    """SAMPLE_TEXTS as the embedding graph's static int64 inputs (ids, mask), padded."""
     import numpy as np
     from tokenizers import Tokenizer
 
@@ -75,7 +80,16 @@ def sample_inputs(tokenizer: Path, seq_len: int) -> list[list[Any]]:
     return out
 
 
-def simulator_agreement(rknn: Any, onnx_path: Path, tokenizer: Path, seq_len: int) -> float:
+def cosine_of(simulated: Any, reference: Any, sample: int) -> float:
+    import numpy as np
+
+    a = np.ravel(np.asarray(simulated, dtype=np.float64))
+    b = np.ravel(np.asarray(reference, dtype=np.float64))
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) or 1.0))
+
+
+def simulator_agreement(rknn: Any, onnx_path: Path, samples: Samples, compare: Compare
+                        ) -> float:
     import numpy as np
     import onnxruntime as ort
 
@@ -84,14 +98,12 @@ def simulator_agreement(rknn: Any, onnx_path: Path, tokenizer: Path, seq_len: in
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     worst = 1.0
-    for inputs in sample_inputs(tokenizer, seq_len):
+    for k, inputs in enumerate(samples):
         simulated = rknn.inference(inputs=inputs)
         if simulated is None:  # RKNN's failure convention: None, not an exception
             raise RuntimeError("the rknn-toolkit2 simulator returned no output")
         reference = session.run(None, dict(zip(names, inputs, strict=True)))[0]
-        a = np.ravel(np.asarray(simulated[0], dtype=np.float64))
-        b = np.ravel(np.asarray(reference, dtype=np.float64))
-        worst = min(worst, float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) or 1.0)))
+        worst = min(worst, compare(np.asarray(simulated[0]), reference, k))
     return worst
 
 
@@ -108,7 +120,9 @@ def convert_embedding(hf_dir: Path, out_dir: Path, name: str,
         rknn_path = out_dir / f"model_{seq_len}.rknn"
         if have_toolkit:
             say(f"building {rknn_path.name} for rk3588 with rknn-toolkit2")
-            cosine = build_rknn(onnx_path, rknn_path, hf_dir / "tokenizer.json", seq_len)
+            cosine = build_rknn(onnx_path, rknn_path,
+                                sample_inputs(hf_dir / "tokenizer.json", seq_len), cosine_of,
+                                MIN_SIMULATOR_COSINE)
             say(f"{rknn_path.name}: simulator vs onnxruntime, smallest cosine {cosine:.6f}"
                 f" over {len(SAMPLE_TEXTS)} texts")
         entries.append({"seq_len": seq_len, "rknn": rknn_path.name, "onnx": onnx_path.name})
@@ -126,4 +140,85 @@ def convert_embedding(hf_dir: Path, out_dir: Path, name: str,
         say("rknn-toolkit2 is not installed: no .rknn files were built. The ONNX twins run"
             " on the reference runtime; convert on an x86 host with rknn-toolkit2 for the"
             " board.")
+    return out_dir
+
+
+# Rerank graphs: P(yes) on the simulator may differ from onnxruntime's by this much.
+MAX_SIMULATOR_P_YES_DIFF = 0.02
+DEFAULT_RERANK_BUCKETS = (256, 512)
+SAMPLE_PAIRS = (("how does apt verify package signatures",
+                 "apt checks the Release file's GPG signature, then each package's hash."),
+                ("how does apt verify package signatures",
+                 "The RK3588 has a three-core NPU of 6 TOPS."))
+
+
+def rerank_samples(tokenizer: Path, seq_len: int) -> tuple[Samples, list[int]]:
+    """SAMPLE_PAIRS as right-padded judgement prompts, and each prompt's length."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from npuserve.daemon.config import DEFAULT_INSTRUCTION, DEFAULT_RERANK_TEMPLATE
+    from npuserve.daemon.qmd_conventions import split_rerank_template
+
+    tok = Tokenizer.from_file(str(tokenizer))
+    samples, lengths = [], []
+    for query, doc in SAMPLE_PAIRS:
+        before, after = split_rerank_template(DEFAULT_RERANK_TEMPLATE, DEFAULT_INSTRUCTION,
+                                              query)
+        ids = tok.encode(before + doc + after, add_special_tokens=False).ids[:seq_len]
+        padded = np.zeros((1, seq_len), dtype=np.int64)
+        padded[0, :len(ids)] = ids
+        samples.append([padded])
+        lengths.append(len(ids))
+    return samples, lengths
+
+
+def convert_rerank(gguf_path: Path, out_dir: Path, name: str,
+                   buckets: tuple[int, ...] = DEFAULT_RERANK_BUCKETS, say: Say = print) -> Path:
+    """A causal-LM GGUF (the CPU twin) -> an NPU rerank directory: tokenizer.json rebuilt
+    from the GGUF, one yes/no-logit graph per bucket, .rknn files where the toolkit is."""
+    import gguf
+    from tokenizers import Tokenizer
+
+    from npuserve.daemon.qmd_conventions import p_yes
+
+    from .causal_export import build_rerank_onnx, read_shape
+    from .gguf_tokenizer import tokenizer_from_gguf
+
+    read_shape(gguf.GGUFReader(str(gguf_path)))  # refuses an architecture it cannot export
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = out_dir / "tokenizer.json"
+    tokenizer_from_gguf(gguf_path, tokenizer)
+    tok = Tokenizer.from_file(str(tokenizer))
+    # The score's tokens, found as the CPU backend finds them: the first token of each word.
+    yes_id, no_id = (tok.encode(w, add_special_tokens=False).ids[0] for w in ("yes", "no"))
+    have_toolkit = importlib.util.find_spec("rknn") is not None
+    entries = []
+    for seq_len in sorted(buckets):
+        onnx_path, rknn_path = out_dir / f"model_{seq_len}.onnx", out_dir / f"model_{seq_len}.rknn"
+        say(f"exporting the rerank graph, sequence length {seq_len}")
+        build_rerank_onnx(gguf_path, seq_len, yes_id, no_id, onnx_path)
+        if have_toolkit:
+            samples, lengths = rerank_samples(tokenizer, seq_len)
+
+            def agreement(sim: Any, ref: Any, k: int, lengths: list[int] = lengths) -> float:
+                rows = [x.reshape(-1, 2)[lengths[k] - 1] for x in (sim, ref)]
+                return 1.0 - abs(p_yes(*map(float, rows[0])) - p_yes(*map(float, rows[1])))
+
+            say(f"building {rknn_path.name} for rk3588 with rknn-toolkit2")
+            worst = build_rknn(onnx_path, rknn_path, samples, agreement,
+                               1.0 - MAX_SIMULATOR_P_YES_DIFF)
+            say(f"{rknn_path.name}: simulator vs onnxruntime, largest P(yes) difference"
+                f" {1.0 - worst:.6f} over {len(samples)} prompts")
+        entries.append({"seq_len": seq_len, "rknn": rknn_path.name, "onnx": onnx_path.name})
+    write_manifest(out_dir, {
+        "format": 1, "task": "rerank", "name": name, "dim": 2, "buckets": entries,
+        "inputs": [{"name": "input_ids", "dtype": "int64"}],
+        "pooling": "last", "normalize": "none", "tokenizer": "tokenizer.json",
+        "rerank": {"yes_id": yes_id, "no_id": no_id, "columns": ["yes", "no"],
+                   "source": gguf_path.name},
+    })
+    if not have_toolkit:
+        say("rknn-toolkit2 is not installed: no .rknn files were built (the ONNX twins run"
+            " on the reference runtime).")
     return out_dir

@@ -15,44 +15,21 @@ from typing import Any
 
 import numpy as np
 
-OPSET = 17  # LayerNormalization is a single op from 17 on
+from .onnx_graph import GraphBuilder, save_model
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-class _Graph:
-    """A tiny builder: named initializers and nodes with generated output names."""
-
-    def __init__(self) -> None:
-        from onnx import helper
-
-        self.helper = helper
-        self.nodes: list[Any] = []
-        self.inits: list[Any] = []
-        self.n = 0
-
-    def const(self, name: str, value: np.ndarray) -> str:
-        from onnx import numpy_helper
-
-        self.inits.append(numpy_helper.from_array(value, name))
-        return name
-
-    def op(self, op_type: str, inputs: list[str], **attrs: Any) -> str:
-        self.n += 1
-        out = f"{op_type.lower()}_{self.n}"
-        self.nodes.append(self.helper.make_node(op_type, inputs, [out], **attrs))
-        return out
-
-
-def _linear(g: _Graph, x: str, w: np.ndarray, b: np.ndarray, name: str) -> str:
+def _linear(g: GraphBuilder, x: str, w: np.ndarray, b: np.ndarray, name: str) -> str:
     wt = g.const(f"{name}.wT", np.ascontiguousarray(w.T.astype(np.float32)))
     bb = g.const(f"{name}.b", b.astype(np.float32))
     return g.op("Add", [g.op("MatMul", [x, wt]), bb])
 
 
-def _layer_norm(g: _Graph, x: str, w: np.ndarray, b: np.ndarray, eps: float, name: str) -> str:
+def _layer_norm(g: GraphBuilder, x: str, w: np.ndarray, b: np.ndarray, eps: float,
+                name: str) -> str:
     return g.op("LayerNormalization", [x, g.const(f"{name}.g", w.astype(np.float32)),
                                        g.const(f"{name}.beta", b.astype(np.float32))],
                 axis=-1, epsilon=eps)
@@ -60,7 +37,6 @@ def _layer_norm(g: _Graph, x: str, w: np.ndarray, b: np.ndarray, eps: float, nam
 
 def build_bert_onnx(model_dir: Path, seq_len: int, out_path: Path) -> None:
     """Write an ONNX graph: (input_ids, attention_mask) int64 [1, seq_len] -> embedding [1, dim]."""
-    import onnx
     from onnx import TensorProto, helper
     from safetensors.numpy import load_file
 
@@ -69,7 +45,7 @@ def build_bert_onnx(model_dir: Path, seq_len: int, out_path: Path) -> None:
          .items()}
     dim, heads = int(hp["hidden_size"]), int(hp["num_attention_heads"])
     head_dim, eps = dim // heads, float(hp["layer_norm_eps"])
-    g = _Graph()
+    g = GraphBuilder()
 
     ids, mask = "input_ids", "attention_mask"
     emb = g.op("Gather", [g.const("word_embeddings", w["embeddings.word_embeddings.weight"]), ids])
@@ -122,14 +98,8 @@ def build_bert_onnx(model_dir: Path, seq_len: int, out_path: Path) -> None:
     pooled = g.op("Div", [summed, count])
     norm = g.op("ReduceL2", [pooled], axes=[1], keepdims=1)  # axes is an attribute before 18
     out = g.op("Div", [pooled, g.op("Max", [norm, g.const("tiny", np.array(1e-12, np.float32))])])
-    g.nodes.append(helper.make_node("Identity", [out], ["embedding"]))
-    graph = helper.make_graph(
-        g.nodes, "bert_embedding",
-        [helper.make_tensor_value_info(ids, TensorProto.INT64, [1, seq_len]),
-         helper.make_tensor_value_info(mask, TensorProto.INT64, [1, seq_len])],
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [1, dim])],
-        g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(out_path))
+    save_model(g, out, "embedding", "bert_embedding",
+               [helper.make_tensor_value_info(ids, TensorProto.INT64, [1, seq_len]),
+                helper.make_tensor_value_info(mask, TensorProto.INT64, [1, seq_len])],
+               helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [1, dim]),
+               out_path)

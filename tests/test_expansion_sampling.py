@@ -39,6 +39,19 @@ def test_every_sampled_text_obeys_the_grammar(backend):
         assert out.tokens > 0
 
 
+def test_a_rejected_token_is_drawn_again_from_the_whole_vocabulary_if_need_be(
+        backend, monkeypatch):
+    """One candidate kept for a redraw: the most likely token, which the grammar has often
+    just rejected, so redraws go on to the whole vocabulary; the text obeys the grammar."""
+    import npuserve.fallback.llama_generative as generative
+
+    monkeypatch.setattr(generative, "CONSTRAINED_CANDIDATES", 1)
+    out = backend.expand("how do I pin threads to cores", None, True)
+    raw_lines = out.raw.split("\n")
+    assert raw_lines[-1] == "" and len(raw_lines) >= 2, repr(out.raw)
+    assert all(LINE.match(line) for line in raw_lines[:-1]), repr(out.raw)
+
+
 def test_side_by_side_and_alone_give_the_same_kind_of_answer(backend):
     alone = backend.expand("sqlite full text search", None, False)
     together = backend.expand_many([ExpandRequest("sqlite full text search", None, False),

@@ -1,0 +1,115 @@
+"""What every NPU backend shares: the model directory's manifest and tokenizer, one
+context pool per sequence-length bucket, and the static, right-padded inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from npuserve.daemon.backend_api import Backend, BackendError, LoadInfo, ModelLoadError
+from npuserve.daemon.worker_protocol import ModelSpec
+
+from .model_dir import Bucket, ManifestError, NpuModel, load_manifest
+from .rknn_runtime import ContextPool, NpuError
+
+DTYPES = {"int64": np.int64, "int32": np.int32, "int16": np.int16, "float32": np.float32}
+
+
+class NpuModelBackend(Backend):
+    task = ""  # the manifest's task this backend serves
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.model: NpuModel | None = None
+        self.tokenizer: Any = None
+        self.pools: dict[int, ContextPool] = {}
+
+    def _manifest(self) -> NpuModel:
+        if self.model is None:
+            try:
+                model = load_manifest(Path(self.spec.path))
+            except ManifestError as exc:
+                raise ModelLoadError(str(exc)) from None
+            if model.task != self.task:
+                raise ModelLoadError(f"{self.spec.path}: a {model.task} model, not {self.task}")
+            self.model = model
+        return self.model
+
+    def _tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            from tokenizers import Tokenizer
+
+            model = self._manifest()
+            tok = Tokenizer.from_file(str(model.root / model.tokenizer))
+            # tokenizer.json may pad/truncate to a fixed length: we pad per bucket ourselves.
+            tok.no_padding()
+            tok.no_truncation()
+            self.tokenizer = tok
+        return self.tokenizer
+
+    def _encode(self, text: str, special: bool = False) -> list[int]:
+        """Token ids without the post-processor's additions; special tokens in the text are
+        matched only when `special` (a prompt template's, never a document's)."""
+        tok = self._tokenizer()
+        tok.encode_special_tokens = not special
+        return list(tok.encode(text, add_special_tokens=False).ids)
+
+    def load(self) -> LoadInfo:
+        model = self._manifest()
+        self._tokenizer()
+        cores = int(self.spec.option("npu_cores", 3))
+        runtime = str(self.spec.option("npu_runtime", "rknnlite"))
+        try:
+            for bucket in model.buckets:
+                self.pools[bucket.seq_len] = ContextPool(model.root / bucket.rknn, cores, runtime)
+        except NpuError as exc:
+            self.unload()
+            raise ModelLoadError(f"NPU: {exc}") from None
+        return LoadInfo(name=model.name, tasks=[self.task], dim=model.dim,
+                        n_ctx=model.buckets[-1].seq_len,
+                        details={"buckets": [b.seq_len for b in model.buckets],
+                                 "cores": cores, "runtime": runtime})
+
+    def unload(self) -> None:
+        for pool in self.pools.values():
+            pool.release()
+        self.pools = {}
+
+    def memory_estimate(self) -> int:
+        model = self._manifest()
+        cores = int(self.spec.option("npu_cores", 3))
+        total = sum((model.root / b.rknn).stat().st_size for b in model.buckets
+                    if (model.root / b.rknn).exists())
+        return total * cores
+
+    def _inputs(self, ids: list[int], bucket: Bucket) -> list[np.ndarray]:
+        model = self._manifest()
+        n = len(ids)
+        arrays = []
+        for spec in model.inputs:
+            arr = np.zeros((1, bucket.seq_len), dtype=DTYPES[spec.get("dtype", "int64")])
+            if spec["name"] == "input_ids":
+                arr[0, :n] = ids
+            elif spec["name"] == "attention_mask":
+                arr[0, :n] = 1
+            # token_type_ids stay zero
+            arrays.append(arr)
+        return arrays
+
+    def _run(self, jobs: list[tuple[list[int], Bucket]]) -> list[np.ndarray]:
+        """Each job's first output, bucket by bucket, spread over the core contexts."""
+        if not self.pools:
+            raise BackendError(f"NPU {self.task} model is not loaded")
+        outputs: list[Any] = [None] * len(jobs)
+        try:
+            for bucket_len in sorted({b.seq_len for _, b in jobs}):
+                idx = [i for i, (_, b) in enumerate(jobs) if b.seq_len == bucket_len]
+                results = self.pools[bucket_len].run_many(
+                    [self._inputs(*jobs[i]) for i in idx])
+                for i, res in zip(idx, results, strict=True):
+                    outputs[i] = res[0]
+        except NpuError as exc:
+            raise BackendError(f"NPU: {exc}") from None
+        return outputs

@@ -1,0 +1,170 @@
+"""Logit rerank on the NPU path: SmolLM2's GGUF exported as a yes/no-logit graph, run by
+the reference runtime (RKNNLite's interface over the ONNX twin), against the CPU backend
+on the same GGUF. Untested on hardware."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from npuserve.daemon.backend_api import RerankOutput
+from npuserve.daemon.config import DEFAULT_INSTRUCTION, DEFAULT_RERANK_TEMPLATE
+from npuserve.daemon.worker_protocol import ModelSpec
+from npuserve.fallback.llama_generative import LlamaGenerativeBackend
+from npuserve.fallback.llama_session import LlamaModel
+from npuserve.npu.rerank_backend import NpuRerankBackend
+
+from .conftest import rerank_gguf
+
+QUERY = "how does apt verify package signatures"
+DOCS = [
+    "apt verifies the Release file's GPG signature with the keys in trusted.gpg.d, then"
+    " checks every package's SHA256 hash against the signed index.",
+    "Debian packages are checked by apt: the archive's InRelease file is signed, and each"
+    " .deb must match the hash listed there.",
+    "The RK3588 has a three-core NPU rated at 6 TOPS.",
+    "Bananas are rich in potassium and easy to carry.",
+    "sqlite's FTS5 ranks documents with bm25.",
+    "To verify a signature with gpg, import the signer's key and run gpg --verify.",
+    "apt-get install fetches packages over HTTP; integrity comes from the signed Release"
+    " file, not from TLS.",
+    "A recipe for sourdough bread needs flour, water, salt and time.",
+    "Systemd units can be hardened with ProtectSystem=strict.",
+    "Package signatures in Debian: apt refuses unsigned repositories unless told otherwise.",
+]
+LONG_DOC = "apt checks signatures. " * 120
+TOKENIZER_TEXTS = [
+    "Hello world", "  leading spaces and 12345 digits, 3.14", "Ünïcode — café 日本語 🙂",
+    "tabs\tand\nnewlines\n\n  x", "it's we'll they're I'M", "x = {'a': [1,2]} // c; f_b(z)",
+    DEFAULT_RERANK_TEMPLATE, "a" * 300, "<|im_start|>user\nhi<|im_end|>",
+]
+
+
+def npu_backend(path, cores: int = 1) -> NpuRerankBackend:
+    return NpuRerankBackend(ModelSpec("r", "rknn_rerank", str(path), 0, 0, (
+        ("npu_runtime", "reference"), ("npu_cores", cores),
+        ("template", DEFAULT_RERANK_TEMPLATE))))
+
+
+def test_tokenizer_rebuilt_from_the_gguf_gives_llama_cpp_ids(npu_rerank_model, models_dir):
+    """The NPU prompt is the CPU prompt token for token: tokenizer.json is rebuilt from the
+    GGUF; special tokens are parsed in the template, kept as text in a document."""
+    b = npu_backend(npu_rerank_model)
+    llama = LlamaModel(str(rerank_gguf(models_dir)), vocab_only=True)
+    try:
+        for special in (True, False):
+            for text in TOKENIZER_TEXTS:
+                assert b._encode(text, special=special) == llama.tokenize(
+                    text, add_special=False, parse_special=special), (special, text)
+    finally:
+        llama.close()
+
+
+def f32_twin(gguf_path: Path, out: Path) -> Path:
+    """The same weights as an F32 GGUF (llama.cpp requantises Q4_1 to F32 exactly)."""
+    from npuserve.fallback.llama_bindings import lib
+
+    llama = lib()
+    params = llama.llama_model_quantize_default_params()
+    params.ftype, params.allow_requantize, params.nthread = 0, True, 2  # 0: all F32
+    assert llama.llama_model_quantize(str(gguf_path).encode(), str(out).encode(), params) == 0
+    return out
+
+
+def cpu_scores(gguf_path: Path, documents: list[str]) -> RerankOutput:
+    cpu = LlamaGenerativeBackend(ModelSpec("c", "llama_cpp_generative", str(gguf_path), 2048,
+                                           0, ()))
+    cpu.load()
+    try:
+        return cpu.rerank(QUERY, documents, DEFAULT_INSTRUCTION)
+    finally:
+        cpu.unload()
+
+
+@pytest.fixture(scope="module")
+def npu_scores(npu_rerank_model) -> RerankOutput:
+    npu = npu_backend(npu_rerank_model)
+    npu.load()
+    try:
+        return npu.rerank(QUERY, DOCS + [LONG_DOC], DEFAULT_INSTRUCTION)
+    finally:
+        npu.unload()
+
+
+def test_npu_rerank_graph_computes_what_llama_cpp_computes(npu_scores, models_dir,
+                                                           tmp_path):
+    """Against llama.cpp on the very weights the graph holds (the GGUF dequantised to
+    F32), P(yes) agrees to float rounding: the export is the model, layer for layer."""
+    exact = cpu_scores(f32_twin(rerank_gguf(models_dir), tmp_path / "f32.gguf"), DOCS)
+    pairs = list(zip(npu_scores.scores[:10], exact.scores, strict=True))
+    assert max(abs(a - b) for a, b in pairs) <= 0.002, pairs
+
+
+def test_npu_rerank_scores_match_the_cpu_twin(npu_scores, models_dir):
+    """The CPU twin computes from the Q4_1 blocks with 8-bit activations: close, not equal
+    (measured: at most 0.036 apart over these documents)."""
+    twin = cpu_scores(rerank_gguf(models_dir), DOCS + [LONG_DOC])
+    pairs = list(zip(npu_scores.scores[:10], twin.scores[:10], strict=True))
+    assert max(abs(a - b) for a, b in pairs) <= 0.06, pairs
+    assert twin.truncated == [False] * 11  # the CPU's context (2048) holds the long one
+
+
+def test_a_document_longer_than_the_largest_bucket_is_truncated(npu_scores):
+    assert npu_scores.truncated == [False] * 10 + [True]
+    assert all(0.0 < x < 1.0 for x in npu_scores.scores)
+
+
+@pytest.fixture
+async def npu_rerank_client(make_client, npu_rerank_model):
+    async def make(**overrides):
+        return await make_client(models__rerank__path=str(npu_rerank_model),
+                                 npu__runtime="reference", npu__cores="1", **overrides)
+    return make
+
+
+async def test_daemon_serves_rerank_from_the_npu(npu_rerank_client, npu_scores):
+    npu = await npu_rerank_client()
+    health = await (await npu.get("/health")).json()
+    assert health["devices"]["rerank"]["device"] == "npu"
+    assert health["devices"]["generate"]["device"] == "cpu"  # QMD's name for expansion
+    resp = await npu.post("/rerank", json={"query": QUERY, "documents": [
+        {"file": f"d{i}.md", "text": t} for i, t in enumerate(DOCS[:4])]})
+    assert resp.status == 200, await resp.text()
+    served = {r["index"]: r["score"] for r in (await resp.json())["results"]}
+    # The NPU's own scores (the CPU twin's differ by up to a few hundredths).
+    assert [round(served[i], 5) for i in range(4)] == [
+        round(x, 5) for x in npu_scores.scores[:4]]
+
+
+async def test_forced_npu_failure_moves_rerank_to_the_cpu_twin(npu_rerank_client,
+                                                              monkeypatch):
+    # RKNNLite's failure value (None) from the third inference on: after the warm-up and
+    # a first good request of one document.
+    monkeypatch.setenv("RKNN_REFERENCE_FAULT", "none_after:2")
+    npu = await npu_rerank_client()
+    first = await npu.post("/rerank", json={"query": QUERY, "documents": [
+        {"file": "a.md", "text": DOCS[0]}]})
+    assert first.status == 200
+    responses = await asyncio.gather(*[
+        npu.post("/rerank", json={"query": f"{QUERY} {i}", "documents": [
+            {"file": f"d{j}.md", "text": t} for j, t in enumerate(DOCS[:5])]})
+        for i in range(4)])
+    assert [r.status for r in responses] == [200] * 4, "no request failed"
+    rerank = (await (await npu.get("/health")).json())["devices"]["rerank"]
+    assert rerank["device"] == "cpu" and rerank["fallback_from"] == "npu"
+    assert "inference returned None" in rerank["reason"]
+
+
+def test_convert_refuses_a_model_it_cannot_export(models_dir, tmp_path):
+    embed_gguf = next(models_dir.glob("all-minilm*.gguf"))
+    run = subprocess.run(
+        [sys.executable, "-m", "npuserve.daemon.cli", "convert", "--task", "rerank",
+         "--from", str(embed_gguf), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert "architecture 'bert'" in run.stderr
+    assert not (tmp_path / "out").exists()
