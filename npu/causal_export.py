@@ -108,8 +108,10 @@ def _heads(g: GraphBuilder, x: str, w: np.ndarray, name: str, rope: bool) -> str
              perm=[0, 2, 1, 3])
     if not rope:
         return t
+    # (t * sin) @ P equals (t @ P) * sin (sin is the same for both halves of a pair); in
+    # this order rknn-toolkit2 does not try to fold the position-wise sin into P.
     return g.op("Add", [g.op("Mul", [t, "rope_cos"]),
-                        g.op("Mul", [g.op("MatMul", [t, "rope_swap"]), "rope_sin"])])
+                        g.op("MatMul", [g.op("Mul", [t, "rope_sin"]), "rope_swap"])])
 
 
 def _repeat_kv(w: np.ndarray, shape: LlamaShape) -> np.ndarray:

@@ -20,7 +20,7 @@ VENV = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "npuserv
 REQUIREMENTS = ["torch==2.13.0", "numpy<=1.26.4", "setuptools<81", "onnx>=1.16.1,<=1.18.0",
                 "onnxruntime>=1.17", "protobuf>=4.21.6,<=4.25.4", "psutil", "ruamel.yaml",
                 "scipy", "tqdm", "opencv-python-headless", "fast-histogram", "tokenizers",
-                "safetensors", "aiohttp", "zeroconf"]
+                "safetensors", "aiohttp", "zeroconf", "gguf"]
 
 
 def _pip(python: Path, *args: str) -> None:
@@ -31,11 +31,12 @@ def _pip(python: Path, *args: str) -> None:
 @pytest.fixture(scope="module")
 def toolkit_python() -> Path:
     python = VENV / "bin" / "python"
-    if not (VENV / ".complete").exists():
+    marker, wanted = VENV / ".complete", " ".join(REQUIREMENTS) + "\n"
+    if not marker.exists() or marker.read_text() != wanted:  # new requirements: rebuild
         venv.create(VENV, with_pip=True, clear=True)
         _pip(python, *REQUIREMENTS)
         _pip(python, "--no-deps", "rknn-toolkit2==2.5.0")
-        (VENV / ".complete").write_text("ok\n")
+        marker.write_text(wanted)
     # This checkout's npuserve, not an older one from the cache.
     _pip(python, "--no-deps", "--no-build-isolation", "--force-reinstall", str(ROOT))
     return python
@@ -68,3 +69,25 @@ def test_convert_builds_rknn_checked_on_the_simulator(toolkit_python, minilm_hf_
     # The directory is what the board loads: the manifest names the .rknn and its twin.
     manifest = (out / "manifest.json").read_text()
     assert "model_128.rknn" in manifest and "model_128.onnx" in manifest
+
+
+def test_convert_builds_the_rerank_graph_checked_on_the_simulator(toolkit_python, models_dir,
+                                                                  tmp_path):
+    """SmolLM2's GGUF as a yes/no-logit graph for rk3588 (fp16): P(yes) on the simulator
+    within 0.02 of onnxruntime's (measured: 0.0012) before the .rknn is written."""
+    gguf_path = next(models_dir.glob("SmolLM2*.gguf"))
+    out = tmp_path / "smollm2-rerank-npu"
+    proc = subprocess.run(
+        [str(toolkit_python), "-m", "npuserve.daemon.cli", "convert", "--task", "rerank",
+         "--from", str(gguf_path), "--out", str(out), "--buckets", "128",
+         "--state-dir", str(tmp_path / "state")],
+        capture_output=True, text=True, timeout=1800, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rknn = out / "model_128.rknn"
+    assert rknn.is_file() and rknn.stat().st_size > 100_000_000  # fp16 SmolLM2: ~300 MB
+    found = re.search(r"model_128\.rknn: simulator vs onnxruntime, largest P\(yes\)"
+                      r" difference ([\d.]+)", proc.stdout)
+    assert found, proc.stdout[-3000:]
+    assert float(found.group(1)) <= 0.02
+    manifest = (out / "manifest.json").read_text()
+    assert '"task": "rerank"' in manifest and "model_128.rknn" in manifest
