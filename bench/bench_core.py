@@ -34,6 +34,13 @@ def passage(i: int, n_words: int = 80) -> str:
     return f"passage {i}: " + " ".join(words)
 
 
+def status_mb(key: str) -> float:
+    """A line of /proc/self/status (VmRSS, VmHWM) in MB."""
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith(key + ":"))
+    return int(line.split()[1]) / 1024
+
+
 def tree_rss(root_pid: int) -> int:
     """RSS of a process and all its descendants, from /proc."""
     children: dict[int, list[int]] = {}

@@ -17,7 +17,7 @@ embedding, reranker and expansion models are three files), instead of sharing th
 default SmolLM2 with rerank.
 
 Usage: python bench/bench_scheduler.py [--state-dir DIR] [--clients 8] [--queries 10]
-                                       [--think S] [--expand-model FILE]
+                                       [--think S] [--expand-model FILE] [--repeat N]
 """
 
 from __future__ import annotations
@@ -133,6 +133,8 @@ def main() -> int:
     ap.add_argument("--think", type=float, default=0.0,
                     help="mean seconds an agent pauses between queries (exponential)")
     ap.add_argument("--policies", default="aging,fifo,resident")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the policies this many times, interleaved; ratios of medians")
     ap.add_argument("--expand-model", type=Path, default=None,
                     help="a GGUF for expansion alone (a third model), e.g. gemma-3-270m")
     args = ap.parse_args()
@@ -149,14 +151,20 @@ def main() -> int:
         "fifo": common + ["scheduler.policy=sequential", "scheduler.switching=fifo"],
         "resident": common + ["scheduler.policy=resident"],
     }
-    results = {}
-    for name in args.policies.split(","):
-        results[name] = run_policy(name, cfg.models_dir, policies[name], args.clients,
-                                   args.queries, args.think)
-        r = results[name]
-        print(f"{name:9} swaps/query {r['swaps_per_query']:.3f} ({r['loads']} loads)  "
-              f"wall {r['wall']:.1f}s  p50 {r['p50']:.2f}s  p95 {r['p95']:.2f}s  "
-              f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+    runs: dict[str, list[dict[str, float]]] = {}
+    for _ in range(args.repeat):  # interleaved, so a machine's drift hits every policy
+        for name in args.policies.split(","):
+            r = run_policy(name, cfg.models_dir, policies[name], args.clients, args.queries,
+                           args.think)
+            runs.setdefault(name, []).append(r)
+            print(f"{name:9} swaps/query {r['swaps_per_query']:.3f} ({r['loads']} loads)  "
+                  f"wall {r['wall']:.1f}s  p50 {r['p50']:.2f}s  p95 {r['p95']:.2f}s  "
+                  f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+    # Each figure's median over the repeats (one run: that run).
+    results = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+               for name, rs in runs.items()}
+    if args.repeat > 1:
+        print(f"\nmedians over {args.repeat} interleaved runs")
     print(f"\n{args.clients} clients x {args.queries} queries (expand -> embed-batch 3 -> "
           f"rerank 10), think time {args.think:g}s, expansion on "
           f"{args.expand_model.name if args.expand_model else 'the rerank model'}")
