@@ -27,10 +27,14 @@ class ModelCosts:
     sec_per_item: float | None = None  # moving average of (call seconds / items)
     sec_per_call: float | None = None  # fixed overhead estimate (smallest call seen)
     samples: int = 0
+    footprint_bytes: int = 0  # most memory the model was seen to hold (load + use)
 
     def observe_load(self, seconds: float) -> None:
         self.load_seconds = _ewma(self.load_seconds, seconds)
         self.load_seconds_max = max(self.load_seconds_max, seconds)
+
+    def observe_footprint(self, nbytes: int) -> None:
+        self.footprint_bytes = max(self.footprint_bytes, nbytes)
 
     def observe_call(self, items: int, seconds: float) -> None:
         self.sec_per_item = _ewma(self.sec_per_item, seconds / max(1, items))

@@ -185,7 +185,7 @@ def cmd_doctor(cfg: Config) -> int:
 
     rep = detect()
     print(f"config: {cfg.source}; state: {cfg.state_dir}")
-    print(f"cpu: {os.cpu_count()} cores; memory available: {_mem_available_mb()} MB")
+    print(f"cpu: {os.cpu_count()} cores; memory available: {_memory_line()}")
     print(f"npu: {rep.verdict()}")
     for problem, fix in rep.problems:
         print(f"  - {problem}\n    fix: {fix}")
@@ -328,10 +328,13 @@ def cmd_client(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mem_available_mb() -> int:
-    from .scheduler import mem_available
+def _memory_line() -> str:
+    from .memory_available import CGROUP_ROOT, PROC, cgroup_room, mem_available
 
-    return mem_available() >> 20
+    line = f"{mem_available() >> 20} MB"
+    if cgroup_room(PROC / "self" / "cgroup", CGROUP_ROOT) is not None:
+        line += " (capped by this process's cgroup memory limit)"
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,7 +61,8 @@ _SERVER: dict[str, Key] = {
 }
 _SCHEDULER: dict[str, Key] = {
     "policy": Key(
-        str, "sequential", "models resident per device", ("sequential", "resident", "auto")
+        str, "auto", "models resident per device (auto: as many as fit in the memory"
+        " available)", ("auto", "sequential", "resident")
     ),
     "keep_alive": Key(
         float, 300.0, "seconds an idle model stays loaded (0: unload at once, <0: never)"

@@ -32,6 +32,7 @@ def model_view(sched: Scheduler, m: ModelState, now: float) -> dict[str, Any]:
         "calibration": {
             "load_seconds": m.costs.load_seconds,
             "load_seconds_max": m.costs.load_seconds_max,
+            "footprint_bytes": sched.estimate_bytes(m),
             "seconds_per_item": {t: c.sec_per_item for t, c in m.task_costs.items()},
             "samples": {t: c.samples for t, c in m.task_costs.items()},
         },

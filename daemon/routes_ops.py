@@ -93,6 +93,10 @@ async def metrics(request: web.Request) -> web.Response:
         gauges.append(("npuserve_model_load_seconds", "seconds spent loading", lb,
                        m.load_seconds_total))
     for m, lb in per_model:
+        gauges.append(("npuserve_model_footprint_bytes", "memory the model needs, as the auto"
+                       " policy plans it (the most seen, else file size + 64 MB)", lb,
+                       sched.estimate_bytes(m)))
+    for m, lb in per_model:
         for task, costs in m.task_costs.items():
             gauges.append(("npuserve_model_seconds_per_item", "calibrated cost per item",
                            lb + (("task", task),), costs.sec_per_item or 0.0))

@@ -22,6 +22,7 @@ from typing import Any
 from . import worker_protocol as wp
 from .calibration import CalibrationStore, ModelCosts
 from .config import Config
+from .memory_available import mem_available
 from .model_registry import ModelPlan
 from .scheduler_errors import (
     BackendFailed,
@@ -84,7 +85,6 @@ class ModelState:
     retry_at: float = 0.0
     failures: int = 0
     dim: int | None = None
-    rss: int = 0
     # NPU circuit breaker (models with a CPU twin only).
     npu_failures: int = 0
     tripped: bool = False
@@ -296,7 +296,7 @@ class Lane:
         model.load_seconds_total += reply.seconds
         model.costs.observe_load(reply.seconds)
         model.dim = reply.dim
-        model.rss = max(0, reply.rss_after - reply.rss_before)
+        model.costs.observe_footprint(reply.rss_after - reply.rss_before)
         self.resident.append(model.model_id)
         self.swaps += 1
         self.sched.metrics["loads"] += 1
@@ -335,9 +335,12 @@ class Lane:
             return []
         if policy == "sequential":
             return list(self.resident)
-        # auto: evict idle models, least recently used first, until it fits.
+        # auto: evict idle models, least recently used first, until it fits. The kernel
+        # counts a loaded model's mapped weights as page cache it could drop - "available" -
+        # but dropping them while the model serves would only make it read them again.
         need = self.sched.estimate_bytes(model)
-        room = mem_available() - self.sched.reserve_bytes
+        room = (mem_available() - self.sched.reserve_bytes
+                - sum(self.sched.mapped_bytes(self.models[mid]) for mid in self.resident))
         victims: list[str] = []
         for mid in self.resident:
             if need <= room:
@@ -360,6 +363,10 @@ class Lane:
             self._worker_lost(str(exc))
             return
         log.info("unloaded %s from %s", model.plan.name, self.device)
+        if isinstance(reply, wp.Unloaded):
+            # What unloading gave back includes what the model grew to while serving
+            # (compute buffers, a generation's working set): the auto policy plans with it.
+            model.costs.observe_footprint(reply.rss_before - reply.rss_after)
         if (
             not self.resident
             and isinstance(reply, wp.Unloaded)
@@ -800,9 +807,15 @@ class Scheduler:
             worst = max(worst, load + per)
         return min(self.request_timeout, max(self.deadline_floor, self.deadline_multiplier * worst))
 
+    def mapped_bytes(self, model: ModelState) -> int:
+        """Bytes of the model's file a loaded model keeps mapped (GGUF weights)."""
+        path = model.plan.spec.path
+        return os.path.getsize(path) if os.path.isfile(path) else 0
+
     def estimate_bytes(self, model: ModelState) -> int:
-        if model.rss:
-            return model.rss
+        """A model's memory: the most it was seen to hold, else its file plus a margin."""
+        if model.costs.footprint_bytes:
+            return model.costs.footprint_bytes
         try:
             return os.path.getsize(model.plan.spec.path) + 64 * 1024 * 1024
         except OSError:
@@ -910,13 +923,3 @@ class Scheduler:
     def lane_of(self, model: ModelState) -> Lane:
         return self.lanes[model.plan.device]
 
-
-def mem_available() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62

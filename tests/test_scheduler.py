@@ -256,3 +256,42 @@ async def test_concurrent_pipelines_share_model_loads(client):
 
     await asyncio.gather(*[query(i) for i in range(6)])
     assert sched.metrics["loads"] <= 6, sched.metrics["loads"]
+
+
+async def _embed_then_rerank(client, rounds: int = 2) -> int:
+    """Alternate the two models; the most models resident at once on the CPU lane."""
+    lane = _sched(client).lanes["cpu"]
+    most = 0
+    for i in range(rounds):
+        for resp in await asyncio.gather(
+                client.post("/embed", json={"text": f"{i} {PASSAGE}"})):
+            assert resp.status == 200
+        most = max(most, len(lane.resident))
+        resp = await client.post("/rerank", json={"query": f"cats {i}", "documents": DOCS})
+        assert resp.status == 200
+        most = max(most, len(lane.resident))
+    return most
+
+
+async def test_auto_keeps_both_models_where_memory_allows(make_client):
+    client = await make_client(scheduler__policy="auto")
+    assert await _embed_then_rerank(client) == 2
+    sched = _sched(client)
+    assert sched.metrics["loads"] == 2, "no swap: each model loaded once"
+    # Footprints were measured (what the policy plans with, persisted for next time).
+    listing = await (await client.get("/admin/models")).json()
+    sizes = {m["name"]: m["calibration"]["footprint_bytes"] for m in listing["models"]}
+    assert all(s > 10 * 2**20 for s in sizes.values()), sizes
+    assert all(m.costs.footprint_bytes == sizes[m.plan.name] for m in sched.all_models())
+
+
+async def test_auto_takes_turns_when_memory_is_short(make_client):
+    from npuserve.daemon.memory_available import mem_available
+
+    # A reserve that leaves ~150 MB: room for one of the two models (MiniLM ~50-90 MB,
+    # SmolLM2 ~150 MB with its buffers), not for both.
+    reserve_mb = (mem_available() >> 20) - 150
+    client = await make_client(scheduler__policy="auto",
+                               scheduler__memory_reserve_mb=str(reserve_mb))
+    assert await _embed_then_rerank(client) == 1
+    assert _sched(client).metrics["loads"] >= 3, "the models took turns"
