@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 WORDS = ("apt resolves package dependencies downloads archives from mirrors verifies signatures "
@@ -89,15 +90,18 @@ def wait_ready(url: str) -> None:
     raise TimeoutError(url)
 
 
-def start_daemon(state_dir: Path, settings: list[str]) -> tuple[subprocess.Popen[bytes], str]:
-    """`npuserve serve` on a free loopback port; returns the process and its base URL."""
+def start_daemon(state_dir: Path, settings: list[str],
+                 preexec: Callable[[], None] | None = None
+                 ) -> tuple[subprocess.Popen[bytes], str]:
+    """`npuserve serve` on a free loopback port; returns the process and its base URL.
+    `preexec` runs in the child before exec (e.g. to enter a cgroup)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("NPUSERVE_")}
     sets = [a for s in settings for a in ("--set", s)]
     proc = subprocess.Popen(
         [sys.executable, "-m", "npuserve.daemon.cli", "serve", "--state-dir", str(state_dir),
          "--port", str(port), *sets],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=preexec)
     base = f"http://127.0.0.1:{port}"
     wait_ready(base + "/health")
     return proc, base

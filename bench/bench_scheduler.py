@@ -16,14 +16,22 @@ With `--expand-model FILE` expansion runs on a third model of its own (as on a b
 embedding, reranker and expansion models are three files), instead of sharing the
 default SmolLM2 with rerank.
 
+With `--board-memory-mb M --read-mbps R` each server runs under a board's constraints
+(bench/board_limits.py): a memory limit of M MB, page cache included, so models that do
+not fit are read again, from a disk throttled to R MB/s (SD card ~90, eMMC ~250), with
+the model files evicted from the page cache before each run. `resident` is left out
+there unless asked for: by design it does not fit such a board.
+
 Usage: python bench/bench_scheduler.py [--state-dir DIR] [--clients 8] [--queries 10]
                                        [--think S] [--expand-model FILE] [--repeat N]
+                                       [--board-memory-mb M --read-mbps R]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import signal
 import statistics
@@ -37,6 +45,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_core import passage, start_daemon, tree_rss  # noqa: E402
+from board_limits import BoardCgroup, BoardLimits, evict_from_page_cache  # noqa: E402
 
 TOPICS = ["debian kernel modules", "apt package signatures", "systemd unit hardening",
           "sqlite full text search", "mdns service discovery", "npu model conversion",
@@ -96,12 +105,17 @@ async def fetch_json(url: str) -> dict:
 
 
 def run_policy(name: str, models_dir: Path, settings: list[str], clients: int,
-               queries: int, think: float) -> dict[str, float]:
+               queries: int, think: float, board: BoardLimits | None,
+               model_files: list[Path]) -> dict[str, float]:
+    cgroup = None
+    if board is not None:
+        cgroup = BoardCgroup(board, model_files, f"npuserve-bench-{os.getpid()}-{name}")
+        evict_from_page_cache(model_files)
     with tempfile.TemporaryDirectory() as tmp:
         state = Path(tmp) / "state"
         state.mkdir()
         (state / "models").symlink_to(models_dir)
-        proc, base = start_daemon(state, settings)
+        proc, base = start_daemon(state, settings, cgroup.enter if cgroup else None)
         try:
             sampler = PeakSampler(proc.pid)
             sampler.start()
@@ -112,7 +126,12 @@ def run_policy(name: str, models_dir: Path, settings: list[str], clients: int,
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
+    read_mb = 0.0
+    if cgroup is not None:
+        read_mb = cgroup.bytes_read() / 2**20
+        cgroup.remove()
     loads = sum(m["loads"] for m in status["models"])
+    load_s = sum(m.get("load_seconds_total", 0.0) for m in status["models"])
     n = clients * queries
     lat.sort()
     return {
@@ -122,6 +141,8 @@ def run_policy(name: str, models_dir: Path, settings: list[str], clients: int,
         "p95": lat[max(0, int(0.95 * len(lat)) - 1)],
         "peak_rss_mb": sampler.peak / 2**20,
         "loads": loads,
+        "load_s": load_s,
+        "read_mb": read_mb,
     }
 
 
@@ -132,13 +153,26 @@ def main() -> int:
     ap.add_argument("--queries", type=int, default=10)
     ap.add_argument("--think", type=float, default=0.0,
                     help="mean seconds an agent pauses between queries (exponential)")
-    ap.add_argument("--policies", default="aging,fifo,resident")
+    ap.add_argument("--policies", default=None,
+                    help="default aging,fifo,resident (aging,fifo with board limits)")
+    ap.add_argument("--board-memory-mb", type=int, default=0,
+                    help="run each server under this memory limit (page cache included)")
+    ap.add_argument("--read-mbps", type=float, default=0.0,
+                    help="with --board-memory-mb: reads from the models' disk at this rate")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run the policies this many times, interleaved; ratios of medians")
     ap.add_argument("--expand-model", type=Path, default=None,
                     help="a GGUF for expansion alone (a third model), e.g. gemma-3-270m")
     args = ap.parse_args()
     from npuserve.daemon.config import load_config
+
+    board = None
+    if args.board_memory_mb:
+        if args.read_mbps <= 0:
+            ap.error("--board-memory-mb needs --read-mbps")
+        board = BoardLimits(args.board_memory_mb, args.read_mbps)
+    if args.policies is None:
+        args.policies = "aging,fifo" if board else "aging,fifo,resident"
 
     cfg = load_config(None, overrides={"state_dir": args.state_dir} if args.state_dir else {})
     # Greedy, short expansions so every policy does the same work.
@@ -151,15 +185,20 @@ def main() -> int:
         "fifo": common + ["scheduler.policy=sequential", "scheduler.switching=fifo"],
         "resident": common + ["scheduler.policy=resident"],
     }
+    model_files = sorted(p.resolve() for p in cfg.models_dir.glob("*.gguf"))
+    if args.expand_model:
+        model_files.append(args.expand_model.resolve())
     runs: dict[str, list[dict[str, float]]] = {}
     for _ in range(args.repeat):  # interleaved, so a machine's drift hits every policy
         for name in args.policies.split(","):
             r = run_policy(name, cfg.models_dir, policies[name], args.clients, args.queries,
-                           args.think)
+                           args.think, board, model_files)
             runs.setdefault(name, []).append(r)
-            print(f"{name:9} swaps/query {r['swaps_per_query']:.3f} ({r['loads']} loads)  "
+            print(f"{name:9} swaps/query {r['swaps_per_query']:.3f} ({r['loads']} loads, "
+                  f"{r['load_s']:.1f}s loading)  "
                   f"wall {r['wall']:.1f}s  p50 {r['p50']:.2f}s  p95 {r['p95']:.2f}s  "
-                  f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+                  f"peak RSS {r['peak_rss_mb']:.0f} MB"
+                  + (f"  read {r['read_mb']:.0f} MB" if board else ""), flush=True)
     # Each figure's median over the repeats (one run: that run).
     results = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
                for name, rs in runs.items()}
@@ -167,7 +206,9 @@ def main() -> int:
         print(f"\nmedians over {args.repeat} interleaved runs")
     print(f"\n{args.clients} clients x {args.queries} queries (expand -> embed-batch 3 -> "
           f"rerank 10), think time {args.think:g}s, expansion on "
-          f"{args.expand_model.name if args.expand_model else 'the rerank model'}")
+          f"{args.expand_model.name if args.expand_model else 'the rerank model'}"
+          + (f", board limits {board.memory_mb} MB RAM, {board.read_mb_per_s:g} MB/s reads"
+             if board else ""))
     a, f, res = (results.get(k) for k in ("aging", "fifo", "resident"))
     if a and f:
         print(f"swaps per query, aging / fifo     "
