@@ -119,11 +119,11 @@ class LlamaGenerativeBackend(LlamaSession, Backend):
         """A context for `n_seq` sequences (kept while the count stays the same).
 
         One sequence (rerank, a lone expansion) gets all of n_ctx in one stream. Several
-        (expansions side by side) get a stream each of n_ctx / n_seq cells: with one
-        unified stream, llama.cpp decodes a sequence differently when other sequences
-        hold cells - logits off by up to 0.6 against the same prompt alone, measured
-        here - while separate streams give the same logits to the bit. A context costs
-        ~30 ms to make, against seconds of generation.
+        (expansions side by side) get a stream each of n_ctx / n_seq cells, so no
+        sequence's attention spans another's cells: with one unified stream and prompts
+        decoded together, 3 of 8 greedy expansions differed from the same request alone
+        (tests/test_expansion_sampling.py). A context costs ~30 ms to make, against
+        seconds of generation.
         """
         assert self.model is not None
         if self.ctx and self._ctx_seqs == n_seq:
