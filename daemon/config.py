@@ -96,9 +96,9 @@ _MODEL: dict[str, Key] = {
     "device": Key(str, "auto", "where it runs", ("auto", "npu", "cpu")),
     "n_ctx": Key(int, 0, "context length in tokens (0: task default)", minimum=0),
     "threads": Key(int, 0, "CPU threads (0: one per core)", minimum=0),
-    "flash_attn": Key(bool, True, "llama.cpp flash attention on the CPU: same results, ~1.5x"
-                      " (100 tokens) to ~2x (440 tokens) faster embeddings; also lets short"
-                      " texts be packed per decode"),
+    "flash_attn": Key(bool, True, "llama.cpp flash attention on the CPU: ~1.5x (100 tokens)"
+                      " to ~2x (440 tokens) faster embeddings, the same vectors, and short texts"
+                      " packed per decode; faster expansion (bench/bench_generative_flash.py)"),
     "n_ubatch": Key(int, 128, "llama.cpp micro-batch of rerank/expansion models: its compute"
                     " buffer holds vocabulary logits per position (gemma-3-270m: 515 MB at 512,"
                     " 129 MB at 128; speed the same). Embedding models use their context",
@@ -123,6 +123,10 @@ _RERANK: dict[str, Key] = {
     "instruction": Key(str, DEFAULT_INSTRUCTION, "rerank instruction"),
     "yes_token": Key(str, "yes", "rerank token whose probability is the score"),
     "no_token": Key(str, "no", "rerank counter token"),
+    "flash_attn": Key(bool, False, "llama.cpp flash attention for rerank: off, because on the"
+                      " CPU it made P(yes) depend on how the prompt was split into decodes (up to"
+                      " 0.1 with the prefix reused); on is a little faster"
+                      " (bench/bench_generative_flash.py)"),
 }
 _EXPAND: dict[str, Key] = {
     "max_tokens": Key(int, 600, "expansion: most generated tokens", minimum=1),

@@ -100,7 +100,9 @@ def _model_id(name: str, device: str, kind: str, path: Path, mc: ModelConfig) ->
 def _task_options(task: str, mc: ModelConfig, model_defaults: dict[str, object]
                   ) -> dict[str, object]:
     own = RERANK_OPTIONS if task == "rerank" else EXPAND_OPTIONS if task == "expand" else ()
-    mine = {k: mc.options[k] for k in own} | {"flash_attn": mc.options["flash_attn"],
+    # One model file may serve rerank and expansion with different attention kernels.
+    flash = "flash_attn" if task == "embed" else f"{task}_flash_attn"
+    mine = {k: mc.options[k] for k in own} | {flash: mc.options["flash_attn"],
                                                "n_ubatch": mc.options["n_ubatch"]}
     # An option left empty in the config takes the model's own default.
     mine |= {k: v for k, v in model_defaults.items() if k in own and mine.get(k) == ""}

@@ -93,7 +93,7 @@ class LlamaGenerativeBackend(LlamaSession, Backend):
         self.n_batch = 0
         self._yes = self._no = -1
         self._seed = 0
-        self._ctx_seqs = 0
+        self._ctx_kind: tuple[int, bool] = (0, False)
         self._candidates: Any = None  # llama_token_data[n_vocab] while generating
 
     # --- lifecycle ------------------------------------------------------
@@ -101,7 +101,7 @@ class LlamaGenerativeBackend(LlamaSession, Backend):
     def load(self) -> LoadInfo:
         self.model = LlamaModel(self.spec.path)
         try:
-            self._open_context(1)
+            self._open_context(1, self._flash("rerank"))
         except BackendError as exc:
             self.unload()
             raise ModelLoadError(str(exc)) from exc
@@ -115,7 +115,13 @@ class LlamaGenerativeBackend(LlamaSession, Backend):
         return LoadInfo(name=self.spec.model_id, tasks=["rerank", "expand"], n_ctx=self.n_ctx,
                         details={"yes_id": self._yes, "no_id": self._no})
 
-    def _open_context(self, n_seq: int) -> None:
+    def _flash(self, task: str) -> bool:
+        """Flash attention for a task: off for rerank by default (on the CPU it made P(yes)
+        depend on how the prompt was split into decodes: up to 0.06), on for expansion."""
+        return bool(self.spec.option(f"{task}_flash_attn",
+                                     self.spec.option("flash_attn", task == "expand")))
+
+    def _open_context(self, n_seq: int, flash: bool) -> None:
         """A context for `n_seq` sequences (kept while the count stays the same).
 
         One sequence (rerank, a lone expansion) gets all of n_ctx in one stream. Several
@@ -126,7 +132,7 @@ class LlamaGenerativeBackend(LlamaSession, Backend):
         seconds of generation.
         """
         assert self.model is not None
-        if self.ctx and self._ctx_seqs == n_seq:
+        if self.ctx and self._ctx_kind == (n_seq, flash):
             return
         llama = self.model.lib
         if self.ctx:
@@ -146,14 +152,13 @@ class LlamaGenerativeBackend(LlamaSession, Backend):
         params.n_seq_max = n_seq
         params.kv_unified = n_seq == 1
         params.n_threads = params.n_threads_batch = thread_count(self.spec.threads)
-        params.flash_attn_type = (llama.LLAMA_FLASH_ATTN_TYPE_ENABLED
-                                  if self.spec.option("flash_attn", True)
+        params.flash_attn_type = (llama.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash
                                   else llama.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         self.ctx = llama.llama_init_from_model(self.model.ptr, params)
         if not self.ctx:
             raise BackendError(f"cannot create a context for {Path(self.spec.path).name}"
                                f" ({n_seq} sequences)")
-        self._ctx_seqs = n_seq
+        self._ctx_kind = (n_seq, flash)
 
     def memory_estimate(self) -> int:
         return file_memory_estimate(self.spec, per_ctx_token=64 * 1024)
@@ -227,7 +232,7 @@ class LlamaGenerativeBackend(LlamaSession, Backend):
             )
         # The prefix (system, instruction, query) is evaluated once; each document then
         # only evaluates its own tokens on top of that KV cache (scores identical).
-        self._open_context(1)
+        self._open_context(1, self._flash("rerank"))
         llama = self.model.lib
         memory = llama.llama_get_memory(self.ctx)
         self._clear()
@@ -288,7 +293,7 @@ class LlamaGenerativeBackend(LlamaSession, Backend):
                   raws: list[tuple[str, int]]) -> None:
         assert self.model is not None
         llama = self.model.lib
-        self._open_context(len(group))
+        self._open_context(len(group), self._flash("expand"))
         seqs = [_Sequence(i, prompts[i], self._sampler(), bytearray()) for i in group]
         try:
             self._clear()
