@@ -117,12 +117,12 @@ class LlamaGenerativeBackend(LlamaSession, Backend):
 
     def _flash(self, task: str) -> bool:
         """Flash attention for a task: off for rerank by default (on the CPU it made P(yes)
-        depend on how the prompt was split into decodes: up to 0.06), on for expansion."""
+        depend on how the prompt was split into decodes: up to 0.1), on for expansion."""
         return bool(self.spec.option(f"{task}_flash_attn",
                                      self.spec.option("flash_attn", task == "expand")))
 
     def _open_context(self, n_seq: int, flash: bool) -> None:
-        """A context for `n_seq` sequences (kept while the count stays the same).
+        """A context for `n_seq` sequences (kept while the count and kernel stay the same).
 
         One sequence (rerank, a lone expansion) gets all of n_ctx in one stream. Several
         (expansions side by side) get a stream each of n_ctx / n_seq cells, so no
@@ -297,16 +297,13 @@ class LlamaGenerativeBackend(LlamaSession, Backend):
         seqs = [_Sequence(i, prompts[i], self._sampler(), bytearray()) for i in group]
         try:
             self._clear()
-            # Each sequence's prompt at its own seq id, all but the last token, in decodes
-            # of that sequence alone (a decode mixing sequences whose prompts it splits
-            # gave one of gemma-3's eight prompts logits 0.7 off); then the last tokens
-            # together, whose logits the first sampling step reads (an earlier decode's
-            # logits would be overwritten).
-            for s_id, seq in enumerate(seqs):
-                body = seq.prompt[:-1]
-                for start in range(0, len(body), self.n_batch):
-                    self._decode([(t, start + k, s_id, False)
-                                  for k, t in enumerate(body[start:start + self.n_batch])])
+            # Each sequence's prompt at its own seq id, n_batch tokens per decode, all but
+            # the last tokens; then the last tokens together, whose logits the first
+            # sampling step reads (an earlier decode's logits would be overwritten).
+            body = [(t, p, s_id, False) for s_id, seq in enumerate(seqs)
+                    for p, t in enumerate(seq.prompt[:-1])]
+            for start in range(0, len(body), self.n_batch):
+                self._decode(body[start:start + self.n_batch])
             self._decode([(seq.prompt[-1], len(seq.prompt) - 1, s_id, True)
                           for s_id, seq in enumerate(seqs)])
             for s_id, seq in enumerate(seqs):
