@@ -35,6 +35,17 @@ def passage(i: int, n_words: int = 80) -> str:
     return f"passage {i}: " + " ".join(words)
 
 
+def generative_model(path: Path | None) -> Path:
+    """`path`, else the prepared default rerank/expansion model (SmolLM2)."""
+    if path is not None:
+        return path
+    from npuserve.daemon.config import load_config
+    from npuserve.daemon.model_store import read_manifest
+
+    cfg = load_config(None)
+    return cfg.models_dir / read_manifest(cfg.models_dir)["smollm2-135m-instruct"].file
+
+
 def status_mb(key: str) -> float:
     """A line of /proc/self/status (VmRSS, VmHWM) in MB."""
     with open("/proc/self/status") as f:

@@ -15,6 +15,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_core import generative_model  # noqa: E402
+
 QUERIES = ["debian kernel modules", "sqlite full text search", "mdns service discovery",
            "cpu thread pinning", "apt package signatures", "systemd unit hardening",
            "python virtual environments", "reciprocal rank fusion"]
@@ -26,14 +29,10 @@ def main() -> int:
     ap.add_argument("--model", type=Path, default=None)
     args = ap.parse_args()
     from npuserve.daemon.backend_api import ExpandRequest
-    from npuserve.daemon.config import load_config
-    from npuserve.daemon.model_store import read_manifest
     from npuserve.daemon.worker_protocol import ModelSpec
     from npuserve.fallback.llama_generative import LlamaGenerativeBackend
 
-    cfg = load_config(None)
-    model = args.model or cfg.models_dir / read_manifest(cfg.models_dir)[
-        "smollm2-135m-instruct"].file
+    model = generative_model(args.model)
     backend = LlamaGenerativeBackend(ModelSpec(
         "bench", "llama_cpp_generative", str(model), 2048, 0,
         (("temperature", 0.0), ("max_tokens", 48))))

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import passage  # noqa: E402
+from bench_core import generative_model, passage  # noqa: E402
 
 QUERY = "how does apt verify package signatures before installing"
 
@@ -28,15 +28,13 @@ def main() -> int:
     ap.add_argument("--model", type=Path, default=None)
     args = ap.parse_args()
     from npuserve.daemon.backend_api import ExpandRequest
-    from npuserve.daemon.config import DEFAULT_INSTRUCTION, load_config
-    from npuserve.daemon.model_store import SMOLLM2_RERANK_TEMPLATE, read_manifest
+    from npuserve.daemon.config import DEFAULT_INSTRUCTION
+    from npuserve.daemon.model_store import SMOLLM2_RERANK_TEMPLATE
     from npuserve.daemon.qmd_conventions import split_rerank_template
     from npuserve.daemon.worker_protocol import ModelSpec
     from npuserve.fallback.llama_generative import LlamaGenerativeBackend
 
-    cfg = load_config(None)
-    model = args.model or cfg.models_dir / read_manifest(cfg.models_dir)[
-        "smollm2-135m-instruct"].file
+    model = generative_model(args.model)
     docs = [passage(i, 80) for i in range(10)]
     requests = [ExpandRequest(f"topic {i}: kernel modules", None, True) for i in range(8)]
     backends = {}
