@@ -24,6 +24,31 @@ def thread_count(requested: int) -> int:
     return max(1, min(requested, cores) if requested > 0 else cores)
 
 
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The first CPU's feature flags (empty where /proc/cpuinfo has none: ARM says
+    "Features", other systems have no such file)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def extra_buffers_safe(flags: set[str]) -> bool:
+    """Whether llama.cpp may put weights in its extra buffer types (repacked layouts).
+
+    On a CPU with AMX (Xeon Sapphire Rapids and later) a native build routes quantized
+    weights to ggml's AMX buffer, and llama_decode then segfaults on SmolLM2's Q4_1
+    (llama-cpp-python 0.3.36, seen in its own Llama API too). Elsewhere, ARM boards
+    included, the repacked layouts are kept: they are what makes Q4_0 fast there.
+    """
+    return "amx_int8" not in flags
+
+
 def open_llama(spec: ModelSpec, **kwargs: Any) -> Any:
     """Construct a llama_cpp.Llama for `spec`, turning library errors into BackendError."""
     from .llama_bindings import high_level

@@ -10,6 +10,7 @@ from npuserve.daemon.backend_api import BackendError, ModelLoadError
 from npuserve.daemon.worker_protocol import ModelSpec
 
 from .llama_bindings import lib
+from .llama_common import cpu_flags, extra_buffers_safe
 
 
 class LlamaModel:
@@ -21,6 +22,7 @@ class LlamaModel:
             raise ModelLoadError(f"model file {path} does not exist")
         params = self.lib.llama_model_default_params()
         params.vocab_only = vocab_only
+        params.use_extra_bufts = extra_buffers_safe(cpu_flags())
         self.ptr = self.lib.llama_model_load_from_file(path.encode(), params)
         if not self.ptr:
             raise ModelLoadError(f"cannot load {Path(path).name}: llama.cpp rejected the file")
