@@ -1,13 +1,10 @@
-"""What both llama-cpp-python backends share: thread sizing, quiet loading, token helpers."""
+"""What both llama-cpp-python backends share: thread sizing, CPU features, memory estimates."""
 
 from __future__ import annotations
 
-import gc
 import os
 from pathlib import Path
-from typing import Any
 
-from npuserve.daemon.backend_api import ModelLoadError
 from npuserve.daemon.worker_protocol import ModelSpec
 
 
@@ -47,40 +44,6 @@ def extra_buffers_safe(flags: set[str]) -> bool:
     included, the repacked layouts are kept: they are what makes Q4_0 fast there.
     """
     return "amx_int8" not in flags
-
-
-def open_llama(spec: ModelSpec, **kwargs: Any) -> Any:
-    """Construct a llama_cpp.Llama for `spec`, turning library errors into BackendError."""
-    from .llama_bindings import high_level
-
-    Llama = high_level().Llama
-    path = Path(spec.path)
-    if not path.is_file():
-        raise ModelLoadError(f"model file {path} does not exist")
-    # Flash attention: measured ~1.5x (100-token) to ~2x (440-token) faster embeddings on
-    # this CPU with vectors unchanged (bench/bench_embed_options.py); llama-server enables
-    # it by default too.
-    kwargs.setdefault("flash_attn", bool(spec.option("flash_attn", True)))
-    try:
-        return Llama(model_path=str(path), verbose=False, **kwargs)
-    except (ValueError, RuntimeError) as exc:  # llama-cpp-python's "Failed to load model"
-        raise ModelLoadError(f"cannot load {path.name}: {exc}") from exc
-
-
-def open_vocab(spec: ModelSpec) -> Any:
-    """A tokenizer-only handle: a few MB, no weights, no context."""
-    return open_llama(spec, vocab_only=True)
-
-
-def close_llama(llm: Any) -> None:
-    """Free the model and context now, not whenever the GC runs."""
-    if llm is None:
-        return
-    close = getattr(llm, "close", None)
-    if close is not None:
-        close()
-    del llm
-    gc.collect()
 
 
 def file_memory_estimate(spec: ModelSpec, per_ctx_token: int) -> int:
