@@ -14,7 +14,8 @@ whole server (daemon + worker processes), and the ratios the issue targets.
 
 With `--expand-model FILE` expansion runs on a third model of its own (as on a board:
 embedding, reranker and expansion models are three files), instead of sharing the
-default SmolLM2 with rerank.
+default SmolLM2 with rerank. `--rerank-model FILE` does the same for rerank, e.g. with
+SmolLM2 widened to F16 (bench/widen_gguf.py) to stand in for a board-sized reranker.
 
 With `--board-memory-mb M --read-mbps R` each server runs under a board's constraints
 (bench/board_limits.py): a memory limit of M MB, page cache included, so models that do
@@ -24,6 +25,7 @@ there unless asked for: by design it does not fit such a board.
 
 Usage: python bench/bench_scheduler.py [--state-dir DIR] [--clients 8] [--queries 10]
                                        [--think S] [--expand-model FILE] [--repeat N]
+                                       [--rerank-model FILE]
                                        [--board-memory-mb M --read-mbps R]
 """
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import random
 import signal
@@ -138,7 +141,7 @@ def run_policy(name: str, models_dir: Path, settings: list[str], clients: int,
         "swaps_per_query": loads / n,
         "wall": wall,
         "p50": statistics.median(lat),
-        "p95": lat[max(0, int(0.95 * len(lat)) - 1)],
+        "p95": lat[math.ceil(0.95 * len(lat)) - 1],  # nearest rank
         "peak_rss_mb": sampler.peak / 2**20,
         "loads": loads,
         "load_s": load_s,
@@ -163,6 +166,8 @@ def main() -> int:
                     help="run the policies this many times, interleaved; ratios of medians")
     ap.add_argument("--expand-model", type=Path, default=None,
                     help="a GGUF for expansion alone (a third model), e.g. gemma-3-270m")
+    ap.add_argument("--rerank-model", type=Path, default=None,
+                    help="a GGUF for rerank instead of the default SmolLM2")
     args = ap.parse_args()
     from npuserve.daemon.config import load_config
 
@@ -178,16 +183,17 @@ def main() -> int:
     # Greedy, short expansions so every policy does the same work.
     common = ["models.expand.temperature=0", "models.expand.max_tokens=48",
               "scheduler.keep_alive=-1"]
-    if args.expand_model:
-        common.append(f"models.expand.path={args.expand_model.resolve()}")
+    extra = {"expand": args.expand_model, "rerank": args.rerank_model}
+    for task, path in extra.items():
+        if path:
+            common.append(f"models.{task}.path={path.resolve()}")
     policies = {
         "aging": common + ["scheduler.policy=sequential", "scheduler.switching=aging"],
         "fifo": common + ["scheduler.policy=sequential", "scheduler.switching=fifo"],
         "resident": common + ["scheduler.policy=resident"],
     }
     model_files = sorted(p.resolve() for p in cfg.models_dir.glob("*.gguf"))
-    if args.expand_model:
-        model_files.append(args.expand_model.resolve())
+    model_files += [path.resolve() for path in extra.values() if path]
     runs: dict[str, list[dict[str, float]]] = {}
     for _ in range(args.repeat):  # interleaved, so a machine's drift hits every policy
         for name in args.policies.split(","):
@@ -207,6 +213,7 @@ def main() -> int:
     print(f"\n{args.clients} clients x {args.queries} queries (expand -> embed-batch 3 -> "
           f"rerank 10), think time {args.think:g}s, expansion on "
           f"{args.expand_model.name if args.expand_model else 'the rerank model'}"
+          + (f", rerank on {args.rerank_model.name}" if args.rerank_model else "")
           + (f", board limits {board.memory_mb} MB RAM, {board.read_mb_per_s:g} MB/s reads"
              if board else ""))
     a, f, res = (results.get(k) for k in ("aging", "fifo", "resident"))
