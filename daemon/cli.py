@@ -181,13 +181,13 @@ def cmd_list(cfg: Config) -> int:
 def cmd_doctor(cfg: Config) -> int:
     from npuserve.npu.detect import detect
 
-    from .model_registry import plan_models
+    from .model_registry import npu_model_problems, plan_models
 
     rep = detect()
     print(f"config: {cfg.source}; state: {cfg.state_dir}")
     print(f"cpu: {os.cpu_count()} cores; memory available: {_memory_line()}")
     print(f"npu: {rep.verdict()}")
-    for problem, fix in rep.problems:
+    for problem, fix in rep.problems + npu_model_problems(cfg, rep.runtime_version):
         print(f"  - {problem}\n    fix: {fix}")
     import importlib.util
 

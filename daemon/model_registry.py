@@ -66,6 +66,33 @@ def npu_status(cfg: Config) -> NpuStatus:
     return NpuStatus(False, "rknnlite", reasons)
 
 
+def npu_model_problems(cfg: Config, runtime_version: str | None) -> list[tuple[str, str]]:
+    """(problem, fix) for each configured NPU model directory that the board's runtime
+    cannot load or that cannot be read, for `npuserve doctor`."""
+    from npuserve.npu.detect import model_version_problem
+    from npuserve.npu.model_dir import ManifestError, load_manifest
+
+    problems: list[tuple[str, str]] = []
+    for task in TASKS:
+        mc = cfg.model(task)
+        if mc.options["backend"] == "ollama" or not mc.path:
+            continue
+        path = _absolute(cfg, mc.path)
+        if not _is_npu_dir(path):
+            continue
+        try:
+            model = load_manifest(path)
+        except ManifestError as exc:
+            problems.append((f"models.{task}: {exc}", "convert the model again"
+                             " (npuserve convert) or fix its manifest.json"))
+            continue
+        problem = model_version_problem(f"models.{task} ({model.name})",
+                                        model.toolkit_version, runtime_version)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
 def _absolute(cfg: Config, path: str) -> Path:
     p = Path(path)
     return p if p.is_absolute() else cfg.models_dir / p

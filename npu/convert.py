@@ -11,6 +11,7 @@ rknn-toolkit2 to the board.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import shutil
 from collections.abc import Callable
@@ -28,6 +29,15 @@ MIN_SIMULATOR_COSINE = 0.99
 SAMPLE_TEXTS = ("How do I verify the signature of a Debian package?",
                 "The RK3588 has a three-core NPU of 6 TOPS.",
                 "sqlite full text search ranks documents with bm25")
+
+
+def toolkit_version() -> str | None:
+    """The rknn-toolkit2 building the graphs: recorded in the manifest, because a board whose
+    librknnrt is older refuses them (npu/detect.py: model_version_problem)."""
+    try:
+        return importlib.metadata.version("rknn-toolkit2")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 Samples = list[list[Any]]  # each: the graph's inputs for one sample, in order
@@ -135,6 +145,7 @@ def convert_embedding(hf_dir: Path, out_dir: Path, name: str,
         "inputs": [{"name": "input_ids", "dtype": "int64"},
                    {"name": "attention_mask", "dtype": "int64"}],
         "pooling": "in_graph", "normalize": "in_graph", "tokenizer": "tokenizer.json",
+        "toolkit_version": toolkit_version() if have_toolkit else None,
     })
     if not have_toolkit:
         say("rknn-toolkit2 is not installed: no .rknn files were built. The ONNX twins run"
@@ -217,6 +228,7 @@ def convert_rerank(gguf_path: Path, out_dir: Path, name: str,
         "pooling": "last", "normalize": "none", "tokenizer": "tokenizer.json",
         "rerank": {"yes_id": yes_id, "no_id": no_id, "columns": ["yes", "no"],
                    "source": gguf_path.name},
+        "toolkit_version": toolkit_version() if have_toolkit else None,
     })
     if not have_toolkit:
         say("rknn-toolkit2 is not installed: no .rknn files were built (the ONNX twins run"

@@ -61,6 +61,37 @@ def _runtime_version(lib: str) -> str | None:
     return match.group(1).decode("ascii", "replace").strip() if match else None
 
 
+def _version(text: str | None) -> tuple[int, int, int] | None:
+    """(2, 5, 0) from "2.5.0 (abc@2025-...)" or "v2.5.0"; None when there is no version."""
+    m = re.match(r"\s*v?(\d+)\.(\d+)\.(\d+)", text or "")
+    return (int(m[1]), int(m[2]), int(m[3])) if m else None
+
+
+def installed_runtime_version(root: str = "/") -> str | None:
+    """The version baked into this machine's librknnrt.so, if there is one."""
+    for lib in RUNTIME_LIBS:
+        path = os.path.join(root, lib.lstrip("/"))
+        if os.path.exists(path):
+            return _runtime_version(path)
+    return None
+
+
+def model_version_problem(model: str, built_with: str | None,
+                          runtime: str | None) -> tuple[str, str] | None:
+    """(problem, fix) when `model`'s graphs were built by a newer rknn-toolkit2 than the
+    board's librknnrt: the runtime then refuses them at init_runtime ("Invalid RKNN model
+    version"; users hit it with 1.3-1.5 runtimes and 2.x models, and with 1.5.2 models on a
+    1.5.0 runtime). Unknown versions are not reported."""
+    built, have = _version(built_with), _version(runtime)
+    if built is None or have is None or have >= built:
+        return None
+    wanted, older = ".".join(map(str, built)), ".".join(map(str, have))
+    return (f"{model} was built by rknn-toolkit2 {wanted}, newer than this board's librknnrt"
+            f" {older}: init_runtime will fail with 'Invalid RKNN model version'",
+            f"install librknnrt.so {wanted} or newer (rknn-toolkit2's rknpu2 runtime) into"
+            f" /usr/lib, or convert the model again with rknn-toolkit2 {older}")
+
+
 def detect(root: str = "/", python: tuple[int, int] | None = None) -> NpuReport:
     """Probe the machine (or a directory tree standing in for it, for tests); `python` is
     the interpreter version to judge rknn-toolkit-lite2's availability by."""

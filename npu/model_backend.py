@@ -11,6 +11,7 @@ import numpy as np
 from npuserve.daemon.backend_api import Backend, BackendError, LoadInfo, ModelLoadError
 from npuserve.daemon.worker_protocol import ModelSpec
 
+from .detect import installed_runtime_version, model_version_problem
 from .model_dir import Bucket, ManifestError, NpuModel, load_manifest
 from .rknn_runtime import ContextPool, NpuError
 
@@ -66,11 +67,19 @@ class NpuModelBackend(Backend):
                 self.pools[bucket.seq_len] = ContextPool(model.root / bucket.rknn, cores, runtime)
         except NpuError as exc:
             self.unload()
-            raise ModelLoadError(f"NPU: {exc}") from None
+            raise ModelLoadError(f"NPU: {exc}{self._version_hint(model)}") from None
         return LoadInfo(name=model.name, tasks=[self.task], dim=model.dim,
                         n_ctx=model.buckets[-1].seq_len,
                         details={"buckets": [b.seq_len for b in model.buckets],
                                  "cores": cores, "runtime": runtime})
+
+    @staticmethod
+    def _version_hint(model: NpuModel) -> str:
+        """The likeliest cause of a refused graph, when the versions show it: RKNNLite
+        only logs the reason, and the error is what /health shows the operator."""
+        problem = model_version_problem(model.name, model.toolkit_version,
+                                        installed_runtime_version())
+        return f"; {problem[0]} (fix: {problem[1]})" if problem else ""
 
     def unload(self) -> None:
         for pool in self.pools.values():

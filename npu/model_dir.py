@@ -9,7 +9,8 @@ tokenizer, and a manifest that says how to feed and read them.
                     "pooling": "in_graph" | "mean" | "cls",
                     "normalize": "in_graph" | "numpy" | "none",
                     "tokenizer": "tokenizer.json",
-                    "rerank": {"yes_id": ..., "no_id": ..., "template": ...}}
+                    "rerank": {"yes_id": ..., "no_id": ..., "template": ...},
+                    "toolkit_version": "2.5.0"}   # rknn-toolkit2 that built the .rknn files
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ class NpuModel:
     normalize: str
     tokenizer: str
     rerank: dict[str, Any] = field(default_factory=dict)
+    # The rknn-toolkit2 that built the .rknn graphs (None: not built, or an older manifest);
+    # a board's librknnrt older than it refuses them.
+    toolkit_version: str | None = None
 
     def bucket_for(self, n_tokens: int) -> Bucket:
         """The smallest bucket that fits, else the largest (the caller truncates)."""
@@ -74,7 +78,8 @@ def load_manifest(root: Path) -> NpuModel:
                          dim=int(data["dim"]), buckets=buckets, inputs=list(data["inputs"]),
                          pooling=str(data["pooling"]), normalize=str(data["normalize"]),
                          tokenizer=str(data.get("tokenizer", "tokenizer.json")),
-                         rerank=dict(data.get("rerank", {})))
+                         rerank=dict(data.get("rerank", {})),
+                         toolkit_version=data.get("toolkit_version"))
     except (KeyError, TypeError, ValueError) as exc:
         raise ManifestError(f"{root / MANIFEST}: missing or bad field: {exc}") from None
     if not buckets:

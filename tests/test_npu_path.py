@@ -4,13 +4,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 import numpy as np
 import pytest
 
 from npuserve.daemon.app import SERVICES
+from npuserve.daemon.backend_api import ModelLoadError
+from npuserve.daemon.model_registry import npu_model_problems
+from npuserve.daemon.worker_protocol import ModelSpec
+from npuserve.npu import detect as detect_module
 from npuserve.npu.detect import detect
+from npuserve.npu.embed_backend import NpuEmbedBackend
 from npuserve.npu.reference_runtime import ReferenceRKNNLite
 from npuserve.npu.rknn_runtime import ContextPool, NpuError
 
@@ -159,3 +165,49 @@ def test_detection_on_this_machine_and_on_a_board_tree(tmp_path):
         future = detect(str(board), python=(3, 13))
         assert any("no wheel for Python 3.13" in p for p, _ in future.problems)
         assert not future.usable
+
+
+@pytest.fixture
+def model_built_by_2_5(npu_model, tmp_path):
+    """The MiniLM model directory, as if rknn-toolkit2 2.5.0 had built its graphs."""
+    out = tmp_path / "minilm-2.5"
+    out.mkdir()
+    for f in npu_model.iterdir():
+        if f.name != "manifest.json":
+            (out / f.name).symlink_to(f)
+    manifest = json.loads((npu_model / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps(manifest | {"toolkit_version": "2.5.0"}))
+    return out
+
+
+def test_doctor_names_a_model_newer_than_the_boards_runtime(make_config, model_built_by_2_5):
+    cfg = make_config(models__embed__path=str(model_built_by_2_5))
+    [(problem, fix)] = npu_model_problems(cfg, "1.5.0 (e6fe0c678@2023-05-25T08:09:20)")
+    assert "rknn-toolkit2 2.5.0" in problem and "librknnrt 1.5.0" in problem
+    assert "Invalid RKNN model version" in problem
+    assert "librknnrt.so 2.5.0 or newer" in fix and "rknn-toolkit2 1.5.0" in fix
+    # A runtime as new as the toolkit (or newer, or of unknown version) is no problem.
+    assert npu_model_problems(cfg, "2.5.0 (abc)") == []
+    assert npu_model_problems(cfg, "2.6.1") == []
+    assert npu_model_problems(cfg, None) == []
+
+
+def test_refused_graph_says_the_versions_do_not_match(model_built_by_2_5, tmp_path,
+                                                     monkeypatch):
+    """RKNNLite only logs why init_runtime returned -1; the load error - what /health shows
+    - names the version mismatch when the board's librknnrt is older than the toolkit."""
+    lib = tmp_path / "librknnrt.so"
+    lib.write_bytes(b"\x7fELF\x00librknnrt version: 1.5.0 (e6fe0c678@2023-05-25)\x00")
+    monkeypatch.setattr(detect_module, "RUNTIME_LIBS", (str(lib),))
+    monkeypatch.setenv("RKNN_REFERENCE_FAULT", "init_fail")
+    backend = NpuEmbedBackend(ModelSpec("m", "rknn_embed", str(model_built_by_2_5), 512, 1,
+                                        (("npu_cores", 1), ("npu_runtime", "reference"))))
+    with pytest.raises(ModelLoadError) as refused:
+        backend.load()
+    assert "init_runtime" in str(refused.value)
+    assert "built by rknn-toolkit2 2.5.0, newer than this board's librknnrt 1.5.0" in str(
+        refused.value)
+    lib.write_bytes(b"\x00librknnrt version: 2.5.0 (abc)\x00")  # versions agree: no guess
+    with pytest.raises(ModelLoadError) as refused:
+        backend.load()
+    assert "init_runtime" in str(refused.value) and "rknn-toolkit2" not in str(refused.value)

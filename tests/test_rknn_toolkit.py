@@ -6,6 +6,7 @@ torch <= 2.4 (it runs with the local torch 2.13.0 CPU, installed with --no-deps)
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -67,8 +68,11 @@ def test_convert_builds_rknn_checked_on_the_simulator(toolkit_python, minilm_hf_
     assert found, proc.stdout[-3000:]
     assert float(found.group(1)) >= 0.999
     # The directory is what the board loads: the manifest names the .rknn and its twin.
-    manifest = (out / "manifest.json").read_text()
-    assert "model_128.rknn" in manifest and "model_128.onnx" in manifest
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [(b["rknn"], b["onnx"]) for b in manifest["buckets"]] == [
+        ("model_128.rknn", "model_128.onnx")]
+    # ... and which toolkit built it, so doctor can tell a board whose librknnrt is older.
+    assert manifest["toolkit_version"] == "2.5.0"
 
 
 def test_convert_builds_the_rerank_graph_checked_on_the_simulator(toolkit_python, models_dir,
