@@ -234,8 +234,13 @@ class IndexStore:
                           " WHERE id=?", (error[:500], time.time() + backoff, cid))
 
     def vector_model(self) -> tuple[str | None, int | None]:
-        model, dim = self.db.meta("embed_model"), self.db.meta("embed_dim")
-        return model, int(dim) if dim else None
+        # One read: two would straddle the first embedding's commit and see the
+        # dimension without the model (a false "different embedding model" 409).
+        rows = dict(self.db.read(lambda c: c.execute(
+            "SELECT key, value FROM meta WHERE key IN ('embed_model', 'embed_dim')"
+        ).fetchall()))
+        dim = rows.get("embed_dim")
+        return rows.get("embed_model"), int(dim) if dim else None
 
     # --- status ----------------------------------------------------------------
 

@@ -156,7 +156,9 @@ async def test_queued_request_past_deadline_gets_504_and_never_runs(make_client)
     assert sched.model_state("rerank").loads == 0, "the expired request never reached a model"
 
 
-async def test_concurrent_expansions_are_generated_side_by_side(client):
+async def test_concurrent_expansions_are_generated_side_by_side(make_client):
+    # Greedy: a sampled expansion of a 135M model may drop every query term (seen in CI).
+    client = await make_client(models__expand__temperature="0")
     sched = _sched(client)
     await client.post("/expand", json={"query": "load the model first"})
     before_calls = sched.metrics["backend_calls"]
@@ -172,5 +174,5 @@ async def test_concurrent_expansions_are_generated_side_by_side(client):
         lines = await r.json()
         assert lines and all(line["type"] in ("lex", "vec", "hyde") for line in lines)
         assert any(q.split()[-1] in line["text"] for line in lines) or all(
-            {"debian", "kernel", "module"} & set(line["text"].lower().split())
+            any(word in line["text"].lower() for word in ("debian", "kernel", "module"))
             for line in lines)
