@@ -295,3 +295,51 @@ async def test_auto_takes_turns_when_memory_is_short(make_client):
                                scheduler__memory_reserve_mb=str(reserve_mb))
     assert await _embed_then_rerank(client) == 1
     assert _sched(client).metrics["loads"] >= 3, "the models took turns"
+
+
+def _lane_of_three(make_config, loads: dict[str, float], per_item: dict[str, float]):
+    """A CPU lane with expansion, embedding and rerank models whose load and call costs
+    are the given measurements (as calibration would hold them), nothing loaded."""
+    from npuserve.daemon.model_registry import ModelPlan
+    from npuserve.daemon.scheduler import Scheduler
+    from npuserve.daemon.worker_protocol import ModelSpec
+
+    plans = {t: ModelPlan(ModelSpec(t, "llama_cpp_generative", f"/models/{t}.gguf", 2048, 2),
+                          "cpu", t, tasks=[t]) for t in ("expand", "embed", "rerank")}
+    sched = Scheduler(make_config(), plans, {t: t for t in plans})
+    lane = sched.lanes["cpu"]
+    for task, model in lane.models.items():
+        model.costs.observe_load(loads[task])
+        model.task_costs[task].observe_call(1, per_item[task])
+    return lane
+
+
+def _queue(lane, task: str, items: int, age: float, now: float) -> None:
+    from npuserve.daemon.scheduler import Job
+
+    job = Job(task, None, items, now - age, now + 300, asyncio.Future())
+    lane.models[task].queue.append(job)
+
+
+async def test_a_swap_goes_to_the_queue_with_most_work_per_load_second(make_config):
+    """With the resident model's queue empty, the device loads the model whose queue does
+    the most work per second of loading, not the one with the oldest request; the oldest
+    still goes first once it has waited past the aging bound."""
+    lane = _lane_of_three(make_config, {"expand": 3.0, "embed": 0.7, "rerank": 3.1},
+                          {"expand": 0.8, "embed": 0.02, "rerank": 0.35})
+    lane.resident, lane.serving = ["embed"], "embed"  # embedding done, its queue empty
+    now = 1000.0
+    _queue(lane, "expand", 1, age=8.0, now=now)   # 0.8 s of work for a 3.0 s load
+    _queue(lane, "rerank", 10, age=2.0, now=now)  # 3.5 s of work for a 3.1 s load
+    assert lane.pick(now).model_id == "rerank"
+    for _ in range(7):  # eight expansions: 6.4 s of work for the same 3.0 s load
+        _queue(lane, "expand", 1, age=1.0, now=now)
+    assert lane.pick(now).model_id == "expand"
+    lane.models["expand"].queue.clear()
+    _queue(lane, "expand", 1, age=8.0, now=now)
+    bound = lane.sched.aging_bound(lane.models["expand"], lane.models["expand"])
+    assert lane.pick(now + bound).model_id == "expand"  # waited past the bound: no starving
+    # A resident model with work needs no swap while the rest is not much older.
+    lane.models["expand"].queue.clear()
+    _queue(lane, "embed", 3, age=0.1, now=now)
+    assert lane.pick(now).model_id == "embed"
