@@ -4,10 +4,14 @@
 query variants, then /rerank of 10 documents — the order `qmd query` uses.
 
 Policies, each on its own daemon started by this script with the same models:
-  aging      sequential residency, aging-bound switching (npuserve's default)
+  aging      sequential residency, npuserve's switching (default): the resident queue
+             first, swaps to the queue with most work per second of loading, aging bound;
+             the next model read ahead while the current one computes
   fifo       sequential residency, oldest request first: swaps whenever the next
-             request needs another model (the naive baseline)
+             request needs another model (the naive baseline; no read-ahead)
   resident   every model resident (the memory-hungry baseline)
+  aging-noprefetch, fifo-prefetch   the same without / with the read-ahead, to tell
+             what the switching and what the read-ahead contribute
 
 Printed: swaps per query, wall time, p50/p95 query latency, peak RSS of the
 whole server (daemon + worker processes), and the ratios the issue targets.
@@ -187,9 +191,15 @@ def main() -> int:
     for task, path in extra.items():
         if path:
             common.append(f"models.{task}.path={path.resolve()}")
+    aging = common + ["scheduler.policy=sequential", "scheduler.switching=aging"]
+    fifo = common + ["scheduler.policy=sequential", "scheduler.switching=fifo"]
     policies = {
-        "aging": common + ["scheduler.policy=sequential", "scheduler.switching=aging"],
-        "fifo": common + ["scheduler.policy=sequential", "scheduler.switching=fifo"],
+        "aging": aging,
+        "aging-noprefetch": aging + ["scheduler.prefetch=false"],
+        # The naive baseline swaps when the next request needs another model, nothing more:
+        # no read-ahead of the next model (fifo-prefetch has it, for comparison).
+        "fifo": fifo + ["scheduler.prefetch=false"],
+        "fifo-prefetch": fifo,
         "resident": common + ["scheduler.policy=resident"],
     }
     model_files = sorted(p.resolve() for p in cfg.models_dir.glob("*.gguf"))
@@ -217,10 +227,12 @@ def main() -> int:
           + (f", board limits {board.memory_mb} MB RAM, {board.read_mb_per_s:g} MB/s reads"
              if board else ""))
     a, f, res = (results.get(k) for k in ("aging", "fifo", "resident"))
-    if a and f:
-        print(f"swaps per query, aging / fifo     "
-              f"{a['swaps_per_query'] / f['swaps_per_query']:.2f}  (target <= 0.5)")
-        print(f"wall time, aging / fifo           {a['wall'] / f['wall']:.2f}  (target <= 0.8)")
+    for name in ("aging", "aging-noprefetch", "fifo-prefetch"):
+        if name in results and f and name != "fifo":
+            x = results[name]
+            print(f"swaps per query, {name} / fifo  "
+                  f"{x['swaps_per_query'] / f['swaps_per_query']:.2f}  (target <= 0.5)")
+            print(f"wall time, {name} / fifo        {x['wall'] / f['wall']:.2f}  (target <= 0.8)")
     if a and res:
         print(f"p95 latency, sequential / resident {a['p95'] / res['p95']:.2f}  (target <= 1.5)")
         print(f"peak RSS, sequential / resident   {a['peak_rss_mb'] / res['peak_rss_mb']:.2f}"

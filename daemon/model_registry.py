@@ -44,6 +44,7 @@ class ModelPlan:
     tasks: list[str] = field(default_factory=list)
     device_reason: str = ""
     twin: str | None = None  # model id of the CPU twin of an NPU model
+    files: list[str] = field(default_factory=list)  # what a load reads (read ahead)
 
 
 @dataclass
@@ -204,4 +205,25 @@ def plan_models(cfg: Config) -> tuple[dict[str, ModelPlan], dict[str, str]]:
         plan = _add(plans, task, "npu", path, name, mc, options, npu.reason)
         plan.twin = twin.spec.model_id
         task_model[task] = plan.spec.model_id
+    for plan in plans.values():
+        plan.files = weight_files(plan.spec)
     return plans, task_model
+
+
+def weight_files(spec: ModelSpec) -> list[str]:
+    """The files a load of `spec` reads: a GGUF; of an NPU model directory the graphs its
+    runtime runs (the .rknn files on a board, the ONNX twins on the reference runtime);
+    nothing for a model served by another server."""
+    path = Path(spec.path)
+    if path.is_file():
+        return [str(path)]
+    if not _is_npu_dir(path):
+        return []
+    from npuserve.npu.model_dir import ManifestError, load_manifest
+
+    try:
+        model = load_manifest(path)
+    except ManifestError:
+        return []  # the load will say what is wrong
+    reference = spec.option("npu_runtime") == "reference"
+    return [str(path / (b.onnx if reference else b.rknn)) for b in model.buckets]

@@ -50,7 +50,8 @@ def runtime_view(sched: Scheduler) -> dict[str, Any]:
         "devices": {
             lane.device: {"worker_pid": lane.worker.pid, "resident": list(lane.resident),
                           "swaps": lane.swaps, "worker_restarts": lane.crashes,
-                          "worker_recycles": lane.recycles}
+                          "worker_recycles": lane.recycles,
+                          "prefetched_bytes": lane.prefetcher.bytes_read}
             for lane in sched.lanes.values()
         },
         "events": dict(sched.metrics),

@@ -107,6 +107,8 @@ async def metrics(request: web.Request) -> web.Response:
     for lane in sched.lanes.values():
         gauges.append(("npuserve_worker_restarts", "worker processes lost and restarted",
                        (("device", lane.device),), lane.crashes))
+        gauges.append(("npuserve_prefetch_bytes", "bytes of models read ahead while another"
+                       " computed", (("device", lane.device),), lane.prefetcher.bytes_read))
     for name, value in sorted(sched.metrics.items()):
         gauges.append((f"npuserve_scheduler_{name}", f"scheduler events: {name}", (), value))
     if svc.index is not None:

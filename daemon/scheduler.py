@@ -25,6 +25,7 @@ from .calibration import CalibrationStore, ModelCosts
 from .config import Config
 from .memory_available import mem_available
 from .model_registry import ModelPlan
+from .prefetch import Prefetcher
 from .scheduler_errors import (
     BackendFailed,
     BadRequest,
@@ -49,6 +50,8 @@ NPU_HANG_FLOOR = 5.0
 AGING_SWAP_FACTOR = 10.0
 # Loads faster than this count as this much when swaps are compared (unmeasured: 0).
 MIN_SWAP_SECONDS = 0.05
+# Memory a read-ahead leaves free beside the resident model, for what it still allocates.
+PREFETCH_MARGIN_BYTES = 32 * 1024 * 1024
 # Without a measurement yet, a load may take this long (slow SD cards).
 COLD_LOAD_ALLOWANCE = 600.0
 
@@ -136,6 +139,7 @@ class Lane:
         self.task: asyncio.Task[None] | None = None
         self.baseline_rss: int | None = None
         self.serving: str | None = None  # the model served last
+        self.prefetcher = Prefetcher()
         self.swaps = 0
         self.recycles = 0
         self.crashes = 0
@@ -204,6 +208,21 @@ class Lane:
     def begin_visit(self, model: ModelState) -> None:
         self.serving = model.model_id
 
+    def _prefetch_next(self, serving: ModelState) -> None:
+        """While `serving` computes, read ahead the files of the model that the device
+        will load next (by the same rule that will pick it), within the memory free beside
+        the resident model: the swap then reads from memory instead of flash."""
+        if not self.sched.prefetch:
+            return
+        others = [m for m in self.models.values()
+                  if m.queue and m is not serving and m.model_id not in self.resident]
+        if not others:
+            return
+        now = time.monotonic()
+        nxt = self._next_visit(others, max(others, key=lambda m: m.head_age(now)), now)
+        self.prefetcher.start(nxt.model_id, nxt.plan.files,
+                              mem_available() - PREFETCH_MARGIN_BYTES)
+
     # --- loop ---------------------------------------------------------------
 
     async def run(self) -> None:
@@ -233,6 +252,7 @@ class Lane:
             if not await self._ensure_loaded(model):
                 continue
             self.begin_visit(model)
+            self._prefetch_next(model)
             await self._run_batch(model)
 
     def _busy(self) -> bool:
@@ -300,6 +320,9 @@ class Lane:
             self._fail_queue(model, ModelUnavailable(model.error or "load failed",
                                                      retry_after=model.retry_at - now))
             return False
+        # The load reads whatever the read-ahead has not: both at once would only share
+        # the disk, and a read-ahead of another model would take the memory.
+        self.prefetcher.cancel()
         for victim in self._victims_for(model):
             await self._unload(self.models[victim])
         model.state = "loading"
@@ -676,6 +699,7 @@ class Scheduler:
         self.hysteresis_s = float(cfg.get("scheduler.switch_hysteresis_ms")) / 1000.0
         self.coalesce_texts = int(cfg.get("scheduler.coalesce_texts"))
         self.coalesce_expansions = int(cfg.get("scheduler.coalesce_expansions"))
+        self.prefetch = bool(cfg.get("scheduler.prefetch"))
         self.max_queue = int(cfg.get("scheduler.max_queue"))
         self.request_timeout = float(cfg.get("scheduler.request_timeout"))
         self.reserve_bytes = int(float(cfg.get("scheduler.memory_reserve_mb")) * 1024 * 1024)
@@ -703,6 +727,7 @@ class Scheduler:
                 for m in lane.models.values():
                     lane._fail_queue(m, ShuttingDown("server is shutting down"))
         for lane in self.lanes.values():
+            lane.prefetcher.cancel()
             await lane.worker.stop()
         self.calibration.save()
 
