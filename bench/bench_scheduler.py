@@ -5,13 +5,12 @@ query variants, then /rerank of 10 documents — the order `qmd query` uses.
 
 Policies, each on its own daemon started by this script with the same models:
   aging      sequential residency, npuserve's switching (default): the resident queue
-             first, swaps to the queue with most work per second of loading, aging bound;
-             the next model read ahead while the current one computes
+             first, swaps to the queue with most work per second of loading, aging bound
   fifo       sequential residency, oldest request first: swaps whenever the next
              request needs another model (the naive baseline; no read-ahead)
   resident   every model resident (the memory-hungry baseline)
-  aging-noprefetch, fifo-prefetch   the same without / with the read-ahead, to tell
-             what the switching and what the read-ahead contribute
+  aging-prefetch, aging-noprefetch, fifo-prefetch   with / without the read-ahead of the
+             next model (scheduler.prefetch, off by default), to tell what it contributes
 
 Printed: swaps per query, wall time, p50/p95 query latency, peak RSS of the
 whole server (daemon + worker processes), and the ratios the issue targets.
@@ -195,11 +194,12 @@ def main() -> int:
     fifo = common + ["scheduler.policy=sequential", "scheduler.switching=fifo"]
     policies = {
         "aging": aging,
+        "aging-prefetch": aging + ["scheduler.prefetch=true"],
         "aging-noprefetch": aging + ["scheduler.prefetch=false"],
         # The naive baseline swaps when the next request needs another model, nothing more:
         # no read-ahead of the next model (fifo-prefetch has it, for comparison).
         "fifo": fifo + ["scheduler.prefetch=false"],
-        "fifo-prefetch": fifo,
+        "fifo-prefetch": fifo + ["scheduler.prefetch=true"],
         "resident": common + ["scheduler.policy=resident"],
     }
     model_files = sorted(p.resolve() for p in cfg.models_dir.glob("*.gguf"))
@@ -227,7 +227,7 @@ def main() -> int:
           + (f", board limits {board.memory_mb} MB RAM, {board.read_mb_per_s:g} MB/s reads"
              if board else ""))
     a, f, res = (results.get(k) for k in ("aging", "fifo", "resident"))
-    for name in ("aging", "aging-noprefetch", "fifo-prefetch"):
+    for name in ("aging", "aging-prefetch", "aging-noprefetch", "fifo-prefetch"):
         if name in results and f and name != "fifo":
             x = results[name]
             print(f"swaps per query, {name} / fifo  "

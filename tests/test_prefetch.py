@@ -105,7 +105,7 @@ def _prefetched(metrics: str) -> int:
 
 
 async def test_scheduler_reads_the_next_model_ahead(make_client, models_dir):
-    client = await make_client()
+    client = await make_client(scheduler__prefetch="true")
     sched = client.app[SERVICES].scheduler
     embed_file = sched.primary_state("embed").plan.files[0]
     assert (await client.post("/rerank", json={"query": "warm", "documents": [
@@ -119,8 +119,8 @@ async def test_scheduler_reads_the_next_model_ahead(make_client, models_dir):
     assert sched.metrics["loads"] == 2
 
 
-async def test_prefetch_can_be_turned_off(make_client):
-    client = await make_client(scheduler__prefetch="false")
+async def test_prefetch_is_off_by_default(make_client):
+    client = await make_client()
     assert (await client.post("/rerank", json={"query": "warm", "documents": [
         {"file": "a.md", "text": "warm"}]})).status == 200
     await _rerank_embed_rerank(client)
