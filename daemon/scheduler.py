@@ -190,7 +190,8 @@ class Lane:
         each swap serves as much as it can while the others' queues fill. On a QMD
         pipeline (expand -> embed -> rerank) that also moves a cheap embedding visit ahead
         of the reranker's, whose queue it feeds: the reranker is then loaded once for both
-        (bench/scheduler_sim.py: 0.84 -> 0.71 swaps per query at 15 s pauses, FIFO 1.08).
+        (bench/scheduler_sim.py: 0.84 -> 0.71 swaps per query at 15 s pauses, FIFO 1.08;
+        measured on a board emulation: 0.66 of FIFO's swaps, docs/benchmarks.md).
         The oldest head still goes first once past the aging bound, and while any queue's
         cost is unmeasured.
         """
