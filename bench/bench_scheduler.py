@@ -6,8 +6,12 @@ query variants, then /rerank of 10 documents — the order `qmd query` uses.
 Policies, each on its own daemon started by this script with the same models:
   aging      sequential residency, npuserve's switching (default): the resident queue
              first, swaps to the queue with most work per second of loading, aging bound
-  fifo       sequential residency, oldest request first: swaps whenever the next
-             request needs another model (the naive baseline; no read-ahead)
+  fifo       the naive baseline the issue names: sequential residency, requests in
+             arrival order one backend call each, a swap whenever the next request
+             needs another model (no coalescing, no read-ahead)
+  fifo-coalesce  arrival order too, but requests next in line for the same model are
+             merged into one call (embeddings batched, expansions side by side): the
+             stronger baseline of sessions 1-10, so the switching alone is compared
   resident   every model resident (the memory-hungry baseline)
   aging-prefetch, aging-noprefetch, fifo-prefetch   with / without the read-ahead of the
              next model (scheduler.prefetch, off by default), to tell what it contributes
@@ -26,8 +30,12 @@ not fit are read again, from a disk throttled to R MB/s (SD card ~90, eMMC ~250)
 the model files evicted from the page cache before each run. `resident` is left out
 there unless asked for: by design it does not fit such a board.
 
+With `--stagger S` the clients start at random times within S seconds (seeded), as agents
+that share a server do, instead of all at once.
+
 Usage: python bench/bench_scheduler.py [--state-dir DIR] [--clients 8] [--queries 10]
-                                       [--think S] [--expand-model FILE] [--repeat N]
+                                       [--think S] [--stagger S] [--expand-model FILE]
+                                       [--repeat N]
                                        [--rerank-model FILE]
                                        [--board-memory-mb M --read-mbps R]
 """
@@ -88,12 +96,15 @@ async def one_query(session: aiohttp.ClientSession, base: str, q: str) -> float:
     return time.perf_counter() - start
 
 
-async def workload(base: str, clients: int, queries: int, think: float
+async def workload(base: str, clients: int, queries: int, think: float, stagger: float
                    ) -> tuple[float, list[float]]:
     latencies: list[float] = []
 
     async def client(c: int) -> None:
         rng = random.Random(c)
+        # Its own start time: drawn from a generator of its own, so the pauses that follow
+        # are the same with and without a stagger.
+        await asyncio.sleep(random.Random(1000 + c).uniform(0.0, stagger))
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as s:
             for k in range(queries):
                 if think:  # agents pause between queries: arrivals fall out of step
@@ -111,7 +122,7 @@ async def fetch_json(url: str) -> dict:
 
 
 def run_policy(name: str, models_dir: Path, settings: list[str], clients: int,
-               queries: int, think: float, board: BoardLimits | None,
+               queries: int, think: float, stagger: float, board: BoardLimits | None,
                model_files: list[Path]) -> dict[str, float]:
     cgroup = None
     if board is not None:
@@ -125,7 +136,7 @@ def run_policy(name: str, models_dir: Path, settings: list[str], clients: int,
         try:
             sampler = PeakSampler(proc.pid)
             sampler.start()
-            wall, lat = asyncio.run(workload(base, clients, queries, think))
+            wall, lat = asyncio.run(workload(base, clients, queries, think, stagger))
             sampler.running = False
             sampler.join()
             status = asyncio.run(fetch_json(base + "/admin/models"))
@@ -159,6 +170,8 @@ def main() -> int:
     ap.add_argument("--queries", type=int, default=10)
     ap.add_argument("--think", type=float, default=0.0,
                     help="mean seconds an agent pauses between queries (exponential)")
+    ap.add_argument("--stagger", type=float, default=0.0,
+                    help="clients start at random times within this many seconds")
     ap.add_argument("--policies", default=None,
                     help="default aging,fifo,resident (aging,fifo with board limits)")
     ap.add_argument("--board-memory-mb", type=int, default=0,
@@ -197,8 +210,11 @@ def main() -> int:
         "aging-prefetch": aging + ["scheduler.prefetch=true"],
         "aging-noprefetch": aging + ["scheduler.prefetch=false"],
         # The naive baseline swaps when the next request needs another model, nothing more:
-        # no read-ahead of the next model (fifo-prefetch has it, for comparison).
-        "fifo": fifo + ["scheduler.prefetch=false"],
+        # one request per backend call, no read-ahead of the next model.
+        "fifo": fifo + ["scheduler.prefetch=false", "scheduler.coalesce_texts=1",
+                        "scheduler.coalesce_expansions=1"],
+        # Arrival order, merging the requests next in line (sessions 1-10's "fifo").
+        "fifo-coalesce": fifo + ["scheduler.prefetch=false"],
         "fifo-prefetch": fifo + ["scheduler.prefetch=true"],
         "resident": common + ["scheduler.policy=resident"],
     }
@@ -208,7 +224,7 @@ def main() -> int:
     for _ in range(args.repeat):  # interleaved, so a machine's drift hits every policy
         for name in args.policies.split(","):
             r = run_policy(name, cfg.models_dir, policies[name], args.clients, args.queries,
-                           args.think, board, model_files)
+                           args.think, args.stagger, board, model_files)
             runs.setdefault(name, []).append(r)
             print(f"{name:9} swaps/query {r['swaps_per_query']:.3f} ({r['loads']} loads, "
                   f"{r['load_s']:.1f}s loading)  "
@@ -221,18 +237,22 @@ def main() -> int:
     if args.repeat > 1:
         print(f"\nmedians over {args.repeat} interleaved runs")
     print(f"\n{args.clients} clients x {args.queries} queries (expand -> embed-batch 3 -> "
-          f"rerank 10), think time {args.think:g}s, expansion on "
+          f"rerank 10), think time {args.think:g}s, start stagger {args.stagger:g}s, "
+          f"expansion on "
           f"{args.expand_model.name if args.expand_model else 'the rerank model'}"
           + (f", rerank on {args.rerank_model.name}" if args.rerank_model else "")
           + (f", board limits {board.memory_mb} MB RAM, {board.read_mb_per_s:g} MB/s reads"
              if board else ""))
-    a, f, res = (results.get(k) for k in ("aging", "fifo", "resident"))
-    for name in ("aging", "aging-prefetch", "aging-noprefetch", "fifo-prefetch"):
-        if name in results and f and name != "fifo":
-            x = results[name]
-            print(f"swaps per query, {name} / fifo  "
-                  f"{x['swaps_per_query'] / f['swaps_per_query']:.2f}  (target <= 0.5)")
-            print(f"wall time, {name} / fifo        {x['wall'] / f['wall']:.2f}  (target <= 0.8)")
+    a, res = results.get("aging"), results.get("resident")
+    for base in ("fifo", "fifo-coalesce"):
+        f = results.get(base)
+        for name in ("aging", "aging-prefetch", "aging-noprefetch", "fifo-prefetch"):
+            if name in results and f:
+                x = results[name]
+                print(f"swaps per query, {name} / {base}  "
+                      f"{x['swaps_per_query'] / f['swaps_per_query']:.2f}  (target <= 0.5)")
+                print(f"wall time, {name} / {base}        "
+                      f"{x['wall'] / f['wall']:.2f}  (target <= 0.8)")
     if a and res:
         print(f"p95 latency, sequential / resident {a['p95'] / res['p95']:.2f}  (target <= 1.5)")
         print(f"peak RSS, sequential / resident   {a['peak_rss_mb'] / res['peak_rss_mb']:.2f}"

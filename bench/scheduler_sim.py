@@ -98,7 +98,7 @@ def request_for(task: str) -> tuple[wp.Request, int]:
 
 
 def simulate(sched: Scheduler, clients: int, queries: int, think: float, seed: int,
-             costs: dict[str, float]) -> Result:
+             costs: dict[str, float], stagger: float = 0.0) -> Result:
     lane = sched.lanes["cpu"]
     rng = random.Random(seed)
     think_rng = [random.Random(seed * 1000 + c) for c in range(clients)]
@@ -122,8 +122,8 @@ def simulate(sched: Scheduler, clients: int, queries: int, think: float, seed: i
             pause = think_rng[c].expovariate(1.0 / think) if think else 0.0
             heapq.heappush(events, Event(at + pause, c, 0))
 
-    for c in range(clients):
-        next_query(c, 0.0)
+    for c in range(clients):  # each client's first query at its own start time
+        heapq.heappush(events, Event(think_rng[c].uniform(0.0, stagger), c, 0))
     while events or any(m.queue for m in lane.models.values()):
         while events and events[0].time <= now:
             arrive(heapq.heappop(events))
@@ -164,7 +164,8 @@ def run(policy: str, args: argparse.Namespace, costs: dict[str, float]) -> list[
     for seed in range(args.seeds):
         with tempfile.TemporaryDirectory() as tmp:
             sched = make_scheduler(switching, Path(tmp), settings)
-            out.append(simulate(sched, args.clients, args.queries, args.think, seed, costs))
+            out.append(simulate(sched, args.clients, args.queries, args.think, seed, costs,
+                                args.stagger))
     return out
 
 
@@ -174,6 +175,8 @@ def main() -> int:
     ap.add_argument("--queries", type=int, default=10)
     ap.add_argument("--think", type=float, default=15.0)
     ap.add_argument("--seeds", type=int, default=20)
+    ap.add_argument("--stagger", type=float, default=0.0,
+                    help="clients start at uniform random times in [0, S] seconds")
     ap.add_argument("--policies", default="aging,fifo",
                     help="switching[:key=value+key=value], e.g. aging:scheduler.aging_ms=5000")
     ap.add_argument("--costs", default="", help="overrides, e.g. load_expand=6,rerank=2")

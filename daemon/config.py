@@ -89,6 +89,9 @@ _SCHEDULER: dict[str, Key] = {
         str, "aging", "model switching: aging (serve the resident queue, switch on the aging"
         " bound) or fifo (oldest request first; for comparison only)", ("aging", "fifo")),
     "memory_reserve_mb": Key(float, 512.0, "RAM kept free by the auto policy", minimum=0),
+    "memory_budget_mb": Key(float, 0.0, "most RAM the auto policy lets resident models hold,"
+                            " by their measured footprints (0: no cap but the free memory)",
+                            minimum=0),
     "prefetch": Key(bool, False, "read the model to be loaded next into the page cache while"
                     " the current one computes, as far as free memory allows (off: no gain"
                     " measured under a 500 MB board limit)"),

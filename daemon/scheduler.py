@@ -393,6 +393,7 @@ class Lane:
         need = self.sched.estimate_bytes(model)
         room = (mem_available() - self.sched.reserve_bytes
                 - sum(self.sched.mapped_bytes(self.models[mid]) for mid in self.resident))
+        room = min(room, self.sched.budget_room())
         victims: list[str] = []
         for mid in self.resident:
             if need <= room:
@@ -704,6 +705,7 @@ class Scheduler:
         self.max_queue = int(cfg.get("scheduler.max_queue"))
         self.request_timeout = float(cfg.get("scheduler.request_timeout"))
         self.reserve_bytes = int(float(cfg.get("scheduler.memory_reserve_mb")) * 1024 * 1024)
+        self.budget_bytes = int(float(cfg.get("scheduler.memory_budget_mb")) * 1024 * 1024)
         self.deadline_multiplier = float(cfg.get("scheduler.deadline_multiplier"))
         self.deadline_floor = float(cfg.get("scheduler.deadline_floor"))
 
@@ -865,6 +867,17 @@ class Scheduler:
         """Bytes of the model's file a loaded model keeps mapped (GGUF weights)."""
         path = model.plan.spec.path
         return os.path.getsize(path) if os.path.isfile(path) else 0
+
+    def budget_room(self) -> float:
+        """What the memory budget leaves for another model: the budget less the footprints
+        of the models resident on every device (an NPU's models live in the same RAM).
+        The budget is the scheduler's own reckoning, so other programs' memory does not
+        move it: an admin caps the daemon below what the board has free."""
+        if not self.budget_bytes:
+            return float("inf")
+        held = sum(self.estimate_bytes(lane.models[mid])
+                   for lane in self.lanes.values() for mid in lane.resident)
+        return self.budget_bytes - held
 
     def estimate_bytes(self, model: ModelState) -> int:
         """A model's memory: the most it was seen to hold, else its file plus a margin."""

@@ -286,15 +286,23 @@ async def test_auto_keeps_both_models_where_memory_allows(make_client):
 
 
 async def test_auto_takes_turns_when_memory_is_short(make_client):
-    from npuserve.daemon.memory_available import mem_available
-
-    # A reserve that leaves ~150 MB: room for one of the two models (MiniLM ~50-90 MB,
-    # SmolLM2 ~150 MB with its buffers), not for both.
-    reserve_mb = (mem_available() >> 20) - 150
+    # A memory budget with room for either model (the larger one's first estimate, its
+    # file plus a margin) but not for both. A budget, not a reserve cut from MemAvailable:
+    # that figure moves with every other program (a previous test's worker exiting freed
+    # enough for both models once), the scheduler's own reckoning does not.
+    files = [m.plan.spec.path for m in _sched(await make_client()).all_models()]
+    larger = max(os.path.getsize(f) for f in files)
+    budget_mb = (larger >> 20) + 64 + 8
     client = await make_client(scheduler__policy="auto",
-                               scheduler__memory_reserve_mb=str(reserve_mb))
+                               scheduler__memory_budget_mb=str(budget_mb))
     assert await _embed_then_rerank(client) == 1
     assert _sched(client).metrics["loads"] >= 3, "the models took turns"
+    # Under the same budget, the rerank model alone stays resident: no swap to serve it.
+    loads = _sched(client).metrics["loads"]
+    for i in range(2):
+        resp = await client.post("/rerank", json={"query": f"dogs {i}", "documents": DOCS})
+        assert resp.status == 200
+    assert _sched(client).metrics["loads"] == loads
 
 
 def _lane_of_three(make_config, loads: dict[str, float], per_item: dict[str, float]):
