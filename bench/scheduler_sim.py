@@ -12,7 +12,12 @@ against real runs: within ~20 % of session 9's aging and FIFO, and of session 10
 with compute doubled for that slower machine, but it put FIFO there at 1.27 swaps per
 query where the real clients fell into step at 0.575 (docs/benchmarks.md, session 10).
 
+The naive FIFO (one request per call, bench_scheduler.py's `fifo`) is
+`fifo:scheduler.coalesce_expansions=1+scheduler.coalesce_texts=1`; plain `fifo` here merges
+the requests next in line (bench_scheduler.py's `fifo-coalesce`).
+
 Usage: python bench/scheduler_sim.py [--think 15] [--seeds 20] [--policies aging,fifo]
+                                     [--stagger 10]
                                      [--costs rerank=7.0,expand_first=1.68,...]
 """
 
