@@ -127,8 +127,8 @@ def simulate(sched: Scheduler, clients: int, queries: int, think: float, seed: i
             pause = think_rng[c].expovariate(1.0 / think) if think else 0.0
             heapq.heappush(events, Event(at + pause, c, 0))
 
-    for c in range(clients):  # each client's first query at its own start time
-        heapq.heappush(events, Event(think_rng[c].uniform(0.0, stagger), c, 0))
+    for c in range(clients):  # each client starts at its own time, then pauses as always
+        next_query(c, random.Random(seed * 1000 + 500 + c).uniform(0.0, stagger))
     while events or any(m.queue for m in lane.models.values()):
         while events and events[0].time <= now:
             arrive(heapq.heappop(events))

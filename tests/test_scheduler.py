@@ -305,6 +305,18 @@ async def test_auto_takes_turns_when_memory_is_short(make_client):
     assert _sched(client).metrics["loads"] == loads
 
 
+async def test_auto_takes_turns_when_the_reserve_leaves_no_room(make_client):
+    from npuserve.daemon.memory_available import mem_available
+
+    # A reserve above all the memory there is: however much other programs free meanwhile,
+    # no second model fits beside the first - and each still loads, alone.
+    reserve_mb = (mem_available() >> 20) + 64 * 1024
+    client = await make_client(scheduler__policy="auto",
+                               scheduler__memory_reserve_mb=str(reserve_mb))
+    assert await _embed_then_rerank(client) == 1
+    assert _sched(client).metrics["loads"] >= 3, "the models took turns"
+
+
 def _lane_of_three(make_config, loads: dict[str, float], per_item: dict[str, float]):
     """A CPU lane with expansion, embedding and rerank models whose load and call costs
     are the given measurements (as calibration would hold them), nothing loaded."""
