@@ -102,17 +102,22 @@ def wait_ready(url: str) -> None:
 
 
 def start_daemon(state_dir: Path, settings: list[str],
-                 preexec: Callable[[], None] | None = None
+                 preexec: Callable[[], None] | None = None, log: Path | None = None
                  ) -> tuple[subprocess.Popen[bytes], str]:
     """`npuserve serve` on a free loopback port; returns the process and its base URL.
-    `preexec` runs in the child before exec (e.g. to enter a cgroup)."""
+    `preexec` runs in the child before exec (e.g. to enter a cgroup); `log` keeps the
+    daemon's log (which model it loaded when), else it is discarded."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("NPUSERVE_")}
     sets = [a for s in settings for a in ("--set", s)]
+    err = log.open("wb") if log else None
     proc = subprocess.Popen(
         [sys.executable, "-m", "npuserve.daemon.cli", "serve", "--state-dir", str(state_dir),
          "--port", str(port), *sets],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=preexec)
+        env=env, stdout=subprocess.DEVNULL, stderr=err or subprocess.DEVNULL,
+        preexec_fn=preexec)
+    if err:
+        err.close()  # the child holds its own copy
     base = f"http://127.0.0.1:{port}"
     wait_ready(base + "/health")
     return proc, base

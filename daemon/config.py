@@ -75,6 +75,10 @@ _SCHEDULER: dict[str, Key] = {
         float, 2000.0, "another queue's oldest request must be this much older than the"
         " resident model's before the device switches (at least two measured swaps)",
         minimum=0),
+    "anticipate_ms": Key(
+        float, 50.0, "after a batch, wait this long (at most a quarter of the swap) before"
+        " swapping models: a pipeline's next stage arrives a few ms after its reply, and a"
+        " swap decided without it serves a straggler instead (0: decide at once)", minimum=0),
     "coalesce_texts": Key(int, 64, "most texts merged into one embedding call", minimum=1),
     "coalesce_expansions": Key(int, 8, "most expansions generated side by side in one call",
                                minimum=1),

@@ -52,6 +52,34 @@ async def test_npu_embeddings_match_the_cpu_backend(npu_client, client):
     assert 128 < tok["tokens"] <= 512
 
 
+async def test_sequential_keeps_one_model_on_each_device_at_once(npu_client):
+    """Embedding on the NPU beside rerank on the CPU: under `sequential` each device
+    holds one model, so interleaved embeds and reranks never unload the CPU's model."""
+    npu = await npu_client(scheduler__policy="sequential")
+    sched = npu.app[SERVICES].scheduler
+    cpu, dev = sched.lanes["cpu"], sched.lanes["npu"]
+    docs = [{"file": f"{i}.md", "text": TEXTS[i]} for i in range(3)]
+    seen: list[tuple[int, int]] = []
+
+    async def watch() -> None:
+        while True:
+            seen.append((len(cpu.resident), len(dev.resident)))
+            await asyncio.sleep(0.001)
+
+    watcher = asyncio.create_task(watch())
+    calls = []
+    for i in range(4):
+        calls.append(npu.post("/rerank", json={"query": f"schedulers {i}", "documents": docs}))
+        calls.append(npu.post("/embed-batch", json={"texts": TEXTS[i * 5:i * 5 + 5]}))
+    responses = await asyncio.gather(*calls)
+    watcher.cancel()
+    assert [r.status for r in responses] == [200] * len(responses)
+    assert max(c for c, _ in seen) == 1 and max(n for _, n in seen) == 1
+    assert (1, 1) in seen, "the NPU's and the CPU's models were never resident together"
+    # One load each: the embeds did not evict the reranker, nor the reranks the embedder.
+    assert (cpu.swaps, dev.swaps) == (1, 1)
+
+
 async def test_forced_npu_failure_is_absorbed_by_the_cpu_twin(npu_client, monkeypatch):
     # The reference runtime starts returning None (RKNNLite's failure value) on its
     # third inference: after the warm-up and one good batch.

@@ -363,3 +363,44 @@ async def test_a_swap_goes_to_the_queue_with_most_work_per_load_second(make_conf
     lane.models["expand"].queue.clear()
     _queue(lane, "embed", 3, age=0.1, now=now)
     assert lane.pick(now).model_id == "embed"
+
+
+@pytest.mark.parametrize("anticipate_ms,first", [(50, "rerank"), (0, "expand")])
+async def test_a_swap_waits_for_the_next_stage_of_the_batch_just_served(make_client,
+                                                                       anticipate_ms, first):
+    """Six pipelines finish their embeddings in one call and send their reranks a few ms
+    later; one straggler's expansion waits already. With anticipation the device sees the
+    six reranks before it swaps and loads the reranker first (the most work per load);
+    deciding at once (0) it can only see the straggler, and serves it first."""
+    # Expansion on its own model (another context size makes it one), three on one device.
+    client = await make_client(models__expand__n_ctx=1536, models__expand__max_tokens=8,
+                               scheduler__anticipate_ms=anticipate_ms)
+    lane = _sched(client).lanes["cpu"]
+    assert len(lane.models) == 3
+    docs = [{"file": f"{i}.md", "text": PASSAGE} for i in range(3)]
+    # Calibration: every model loaded and timed once; the embedder is resident after.
+    assert (await client.post("/expand", json={"query": "cats"})).status == 200
+    assert (await client.post("/rerank", json={"query": "cats", "documents": docs})).status == 200
+    assert (await client.post("/embed", json={"text": "warm"})).status == 200
+    done: list[str] = []
+
+    async def pipeline(i: int) -> None:
+        await asyncio.sleep(0.1)  # queued behind the long embedding below, all six together
+        texts = [f"{i} {k} {PASSAGE}" for k in range(4)]
+        assert (await client.post("/embed-batch", json={"texts": texts})).status == 200
+        resp = await client.post("/rerank", json={"query": f"cats {i}", "documents": docs})
+        assert resp.status == 200
+        done.append("rerank")
+
+    async def straggler() -> None:
+        await asyncio.sleep(0.2)
+        async with aiohttp.ClientSession() as own:  # the pipelines hold the test client's
+            resp = await own.post(client.make_url("/expand"), json={"query": "dogs"})
+            assert resp.status == 200
+        done.append("expand")
+
+    busy = client.post("/embed-batch", json={"texts": [f"{k} {PASSAGE}" for k in range(48)]})
+    responses = await asyncio.gather(busy, straggler(), *[pipeline(i) for i in range(6)])
+    assert responses[0].status == 200
+    assert done[0] == first, done
+    assert done.count("rerank") == 6
