@@ -12,12 +12,18 @@ against real runs: within ~20 % of session 9's aging and FIFO, and of session 10
 with compute doubled for that slower machine, but it put FIFO there at 1.27 swaps per
 query where the real clients fell into step at 0.575 (docs/benchmarks.md, session 10).
 
+A reply reaches its client and the next stage comes back `--gap` seconds later (5 ms by
+default, as over loopback HTTP), and the lane waits for follow-ups as `Lane.run` does
+(scheduler.anticipate_ms). Without the gap the simulator missed what the real runs showed:
+a swap decided in that gap serves a straggler first, who then stays out of step
+(`--gap 0.005 --policies aging,aging:scheduler.anticipate_ms=0`).
+
 The naive FIFO (one request per call, bench_scheduler.py's `fifo`) is
 `fifo:scheduler.coalesce_expansions=1+scheduler.coalesce_texts=1`; plain `fifo` here merges
 the requests next in line (bench_scheduler.py's `fifo-coalesce`).
 
 Usage: python bench/scheduler_sim.py [--think 15] [--seeds 20] [--policies aging,fifo]
-                                     [--stagger 10]
+                                     [--stagger 10] [--gap 0.005]
                                      [--costs rerank=7.0,expand_first=1.68,...]
 """
 
@@ -103,7 +109,7 @@ def request_for(task: str) -> tuple[wp.Request, int]:
 
 
 def simulate(sched: Scheduler, clients: int, queries: int, think: float, seed: int,
-             costs: dict[str, float], stagger: float = 0.0) -> Result:
+             costs: dict[str, float], stagger: float = 0.0, gap: float = 0.0) -> Result:
     lane = sched.lanes["cpu"]
     rng = random.Random(seed)
     think_rng = [random.Random(seed * 1000 + c) for c in range(clients)]
@@ -136,6 +142,11 @@ def simulate(sched: Scheduler, clients: int, queries: int, think: float, seed: i
         if model is None:
             now = events[0].time
             continue
+        wait = lane.anticipation(model, now)  # as Lane.run: once per batch, then decide
+        lane.batch_ended = None
+        if wait > 0:
+            now += wait
+            continue
         if model.model_id not in lane.resident:
             lane.resident.clear()
             seconds = costs[f"load_{model.model_id}"] * rng.uniform(0.9, 1.1)
@@ -150,14 +161,15 @@ def simulate(sched: Scheduler, clients: int, queries: int, think: float, seed: i
         seconds = call_seconds(model.model_id, jobs, costs, rng)
         now += seconds
         sched.observe(model, model.model_id, sum(j.items for j in jobs), seconds)
+        lane.batch_ended = now
         for job in jobs:
             c, stage = job.client, job.stage  # type: ignore[attr-defined]
-            if stage + 1 < len(STAGES):
-                heapq.heappush(events, Event(now, c, stage + 1))
+            if stage + 1 < len(STAGES):  # the reply travels, the next stage comes back
+                heapq.heappush(events, Event(now + gap, c, stage + 1))
             else:
                 latencies.append(now - started[c])
                 done[c] += 1
-                next_query(c, now)
+                next_query(c, now + gap)
     latencies.sort()
     return Result(loads, loading, now, latencies[max(0, -(-95 * len(latencies) // 100) - 1)])
 
@@ -170,7 +182,7 @@ def run(policy: str, args: argparse.Namespace, costs: dict[str, float]) -> list[
         with tempfile.TemporaryDirectory() as tmp:
             sched = make_scheduler(switching, Path(tmp), settings)
             out.append(simulate(sched, args.clients, args.queries, args.think, seed, costs,
-                                args.stagger))
+                                args.stagger, args.gap))
     return out
 
 
@@ -182,6 +194,8 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--stagger", type=float, default=0.0,
                     help="clients start at uniform random times in [0, S] seconds")
+    ap.add_argument("--gap", type=float, default=0.005,
+                    help="seconds from a reply to the client's next stage arriving")
     ap.add_argument("--policies", default="aging,fifo",
                     help="switching[:key=value+key=value], e.g. aging:scheduler.aging_ms=5000")
     ap.add_argument("--costs", default="", help="overrides, e.g. load_expand=6,rerank=2")
