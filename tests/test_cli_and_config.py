@@ -88,6 +88,8 @@ def test_config_errors_name_the_key(tmp_path: Path):
     assert res.returncode == 2 and "models.embed.n_ctx: must be >= 0" in res.stderr
     res = run_cli("serve", "--set", "scheduler.memory_budget_mb=-1")
     assert res.returncode == 2 and "scheduler.memory_budget_mb: must be >= 0" in res.stderr
+    res = run_cli("serve", "--set", "scheduler.anticipate_ms=-50")
+    assert res.returncode == 2 and "scheduler.anticipate_ms: must be >= 0" in res.stderr
     res = run_cli("serve", "--set", "server.preload=embed,rerankk")
     assert res.returncode == 2 and "server.preload: unknown task(s) rerankk" in res.stderr
     # The test suite's own variables (NPUSERVE_TEST_*) are not config keys.
