@@ -278,12 +278,12 @@ def main() -> int:
     per_seed: dict[int, dict[str, dict[str, float]]] = {}
     for seed in seeds:
         runs: dict[str, list[dict[str, float]]] = {}
-        for _ in range(args.repeat):  # interleaved, so a machine's drift hits every policy
+        for rep in range(args.repeat):  # interleaved, so a machine's drift hits every policy
             for name in args.policies.split(","):
+                log = args.log_dir / f"{name}-seed{seed}-run{rep}.log" if args.log_dir else None
                 r = run_policy(name, cfg.models_dir, policies[name], args.clients,
                                args.queries, args.think, args.stagger, board, model_files,
-                               seed, args.log_dir / f"{name}-seed{seed}.log"
-                               if args.log_dir else None)
+                               seed, log)
                 runs.setdefault(name, []).append(r)
                 print_run(name, r, board is not None, seed if len(seeds) > 1 else None)
         # Each figure's median over the repeats (one run: that run).
