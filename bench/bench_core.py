@@ -40,7 +40,7 @@ def generative_model(path: Path | None) -> Path:
     if path is not None:
         return path
     from npuserve.daemon.config import load_config
-    from npuserve.daemon.model_store import read_manifest
+    from npuserve.daemon.models.store import read_manifest
 
     cfg = load_config(None)
     return cfg.models_dir / read_manifest(cfg.models_dir)["smollm2-135m-instruct"].file
@@ -167,9 +167,9 @@ def bench_direct_embed(model: Path, texts: list[str], rounds: int) -> tuple[floa
 def bench_rerank(model: Path, n_docs: int, rounds: int) -> tuple[float, float, float]:
     """Seconds per request with prefix reuse, without, and the largest score difference."""
     from npuserve.daemon.config import DEFAULT_INSTRUCTION
-    from npuserve.daemon.model_store import SMOLLM2_RERANK_TEMPLATE
-    from npuserve.daemon.qmd_conventions import split_rerank_template
-    from npuserve.daemon.worker_protocol import ModelSpec
+    from npuserve.daemon.models.qmd_conventions import split_rerank_template
+    from npuserve.daemon.models.store import SMOLLM2_RERANK_TEMPLATE
+    from npuserve.daemon.worker.protocol import ModelSpec
     from npuserve.fallback.llama_generative import LlamaGenerativeBackend
 
     spec = ModelSpec("bench", "llama_cpp_generative", str(model), 2048, 0,
@@ -205,7 +205,7 @@ def main() -> int:
     ap.add_argument("--docs", type=int, default=20)
     args = ap.parse_args()
     from npuserve.daemon.config import load_config
-    from npuserve.daemon.model_store import read_manifest
+    from npuserve.daemon.models.store import read_manifest
 
     overrides = {"state_dir": args.state_dir} if args.state_dir else {}
     cfg = load_config(None, overrides=overrides)

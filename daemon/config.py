@@ -8,8 +8,9 @@ being silently ignored.
 
 from __future__ import annotations
 
+import ipaddress
 import os
-import re
+import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -108,7 +109,7 @@ _MODEL: dict[str, Key] = {
     "threads": Key(int, 0, "CPU threads (0: one per core)", minimum=0),
     "flash_attn": Key(bool, True, "llama.cpp flash attention on the CPU: ~1.5x (100 tokens)"
                       " to ~2x (440 tokens) faster embeddings, the same vectors, and short texts"
-                      " packed per decode; faster expansion (bench/bench_generative_flash.py)"),
+                      " packed per decode; faster expansion (docs/benchmarks.md, design notes)"),
     "n_ubatch": Key(int, 128, "llama.cpp micro-batch of rerank/expansion models: its compute"
                     " buffer holds vocabulary logits per position (gemma-3-270m: 515 MB at 512,"
                     " 129 MB at 128; speed the same). Embedding models use their context",
@@ -136,7 +137,7 @@ _RERANK: dict[str, Key] = {
     "flash_attn": Key(bool, False, "llama.cpp flash attention for rerank: off, because on the"
                       " CPU it made P(yes) depend on how the prompt was split into decodes (up to"
                       " 0.1 with the prefix reused); on is a little faster"
-                      " (bench/bench_generative_flash.py)"),
+                      " (docs/benchmarks.md, design notes)"),
 }
 _EXPAND: dict[str, Key] = {
     "max_tokens": Key(int, 600, "expansion: most generated tokens", minimum=1),
@@ -261,6 +262,14 @@ class Config:
         return self.values[path]
 
     @property
+    def server(self) -> ServerSettings:
+        return ServerSettings.from_values(self.values)
+
+    @property
+    def index(self) -> IndexSettings:
+        return IndexSettings.from_values(self.values)
+
+    @property
     def state_dir(self) -> Path:
         return Path(self.values["state_dir"])
 
@@ -282,6 +291,49 @@ class Config:
             cpu_path=opts.pop("cpu_path"),
             options=opts,
         )
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """[server], typed (the values were checked and converted when the file was read)."""
+
+    host: str
+    port: int
+    api_key: str
+    name: str
+    mdns: bool
+    max_body_bytes: int
+    max_batch: int
+    max_text_chars: int
+    shutdown_timeout: float
+    body_timeout: float
+    preload: tuple[str, ...]
+
+    @classmethod
+    def from_values(cls, v: Mapping[str, Any]) -> ServerSettings:
+        return cls(
+            host=v["server.host"], port=v["server.port"], api_key=v["server.api_key"],
+            name=v["server.name"], mdns=v["server.mdns"],
+            max_body_bytes=int(v["server.max_body_mb"] * 1024 * 1024),
+            max_batch=v["server.max_batch"], max_text_chars=v["server.max_text_chars"],
+            shutdown_timeout=v["server.shutdown_timeout"],
+            body_timeout=v["server.body_timeout"],
+            preload=tuple(preload_tasks(v["server.preload"])))
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """[index], typed."""
+
+    enabled: bool
+    chunk_tokens: int
+    chunk_overlap: float
+    embed_batch: int
+
+    @classmethod
+    def from_values(cls, v: Mapping[str, Any]) -> IndexSettings:
+        return cls(v["index.enabled"], v["index.chunk_tokens"], v["index.chunk_overlap"],
+                   v["index.embed_batch"])
 
 
 def default_state_dir(env: Mapping[str, str]) -> Path:
@@ -400,26 +452,25 @@ def render_example(settings: Mapping[str, Any] | None = None) -> str:
 
 
 def set_config_key(path: Path, key_path: str, value: Any) -> None:
-    """Set one key in a TOML config file by editing its text, so the comments an admin
-    (or the package) wrote stay: replace the key's line in its section, uncommenting it
-    if needed, else add it (and the section). Written via a temporary file and rename."""
+    """Set one key in a TOML config file, keeping every comment and key an admin (or the
+    package) wrote: tomlkit edits the document, not its lines. A commented-out default of
+    the key stays as it was; the key is set in its section (made if missing). Written via
+    a temporary file and rename, with the file's owner and mode."""
+    import tomlkit
+
     if key_path not in FLAT_SCHEMA:
         raise ConfigError(f"{key_path}: unknown key")
-    section, _, name = key_path.rpartition(".")
-    line = f"{name} = {_toml_value(value)}"
-    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
-    start, end = _section_span(lines, section)
-    if start is None:
-        lines += ["", f"[{section}]", line] if section else [line]
-    else:
-        pattern = re.compile(rf"^\s*#?\s*{re.escape(name)}\s*=")
-        hit = next((i for i in range(start, end) if pattern.match(lines[i])), None)
-        if hit is None:
-            lines.insert(end, line)
-        else:
-            lines[hit] = line
+    doc = tomlkit.parse(path.read_text(encoding="utf-8")) if path.exists() else tomlkit.document()
+    *sections, name = key_path.split(".")
+    table: Any = doc
+    for i, section in enumerate(sections):
+        if section not in table:
+            # [models] only holds [models.embed] etc.: a super table, never written bare.
+            table[section] = tomlkit.table(is_super_table=i < len(sections) - 1)
+        table = table[section]
+    table[name] = value
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.write_text(tomlkit.dumps(doc), encoding="utf-8")
     if path.exists():
         st = path.stat()
         os.chmod(tmp, st.st_mode & 0o7777)
@@ -428,23 +479,13 @@ def set_config_key(path: Path, key_path: str, value: Any) -> None:
     os.replace(tmp, path)
 
 
-def _section_span(lines: list[str], section: str) -> tuple[int | None, int]:
-    """Line range [start, end) of a section's body; the top level runs to the first header."""
-    header = re.compile(r"^\s*\[([^\]]+)\]\s*$")
-    start: int | None = 0 if not section else None
-    for i, text in enumerate(lines):
-        m = header.match(text)
-        if not m:
-            continue
-        if start is not None:
-            return start, _trim_end(lines, start, i)
-        if m.group(1).strip() == section:
-            start = i + 1
-    return start, len(lines) if start is not None else 0
-
-
-def _trim_end(lines: list[str], start: int, end: int) -> int:
-    # Insert before the blank lines that separate this section from the next.
-    while end > start and not lines[end - 1].strip():
-        end -= 1
-    return end
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+        except OSError:
+            return False

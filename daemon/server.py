@@ -9,31 +9,30 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from .app import SERVICES, VERSION, build_app
-from .config import Config, ConfigError, preload_tasks
-from .mdns import Advertiser
-from .model_registry import plan_models
-from .scheduler import Scheduler
-from .sd_notify import notify, watchdog_interval, watchdog_loop
+from npuserve.daemon.config import Config, ConfigError, is_loopback
+from npuserve.daemon.http.app import build_app
+from npuserve.daemon.http.services import SERVICES
+from npuserve.daemon.http.validation import Limits
+from npuserve.daemon.mdns import Advertiser
+from npuserve.daemon.models.registry import plan_models
+from npuserve.daemon.sched.scheduler import Scheduler
+from npuserve.daemon.sched.settings import SchedulerSettings
+from npuserve.daemon.sd_notify import notify, watchdog_interval, watchdog_loop
+from npuserve.daemon.version import VERSION
 
 log = logging.getLogger("npuserve")
 
 
 def create_scheduler(cfg: Config) -> Scheduler:
     plans, task_model = plan_models(cfg)
-    return Scheduler(cfg, plans, task_model, log_level=logging.getLogger().level)
-
-
-def _is_loopback(host: str) -> bool:
-    from .cli import is_loopback
-
-    return is_loopback(host)
+    return Scheduler.from_config(cfg, plans, task_model, log_level=logging.getLogger().level)
 
 
 def txt_properties(cfg: Config, scheduler: Scheduler) -> dict[str, str]:
     """What a client learns from the TXT record (keys of at most 9 characters)."""
-    names = {t: scheduler.model_name(t) for t in ("embed", "rerank", "expand")}
-    devices = ",".join(f"{t}:{scheduler.model_state(t).plan.device}" for t in names)
+    snap = scheduler.snapshot()
+    names = {t: snap.tasks[t].primary.name for t in ("embed", "rerank", "expand")}
+    devices = ",".join(f"{t}:{snap.tasks[t].serving.device}" for t in names)
     return {
         "version": VERSION,
         "api": "qmd,openai,rerank,ollama",
@@ -41,21 +40,21 @@ def txt_properties(cfg: Config, scheduler: Scheduler) -> dict[str, str]:
         "rerank": names["rerank"],
         "gen": names["expand"],
         "dev": devices,
-        "auth": "1" if cfg.get("server.api_key") else "0",
-        "timeout": str(int(scheduler.recommended_timeout() + 0.999)),
-        "index": "1" if cfg.get("index.enabled") else "0",
+        "auth": "1" if cfg.server.api_key else "0",
+        "timeout": str(int(snap.recommended_timeout + 0.999)),
+        "index": "1" if cfg.index.enabled else "0",
     }
 
 
 async def _advertise(cfg: Config, scheduler: Scheduler, host: str, port: int) -> Advertiser | None:
-    if not cfg.get("server.mdns"):
+    if not cfg.server.mdns:
         log.info("mDNS advertisement off (server.mdns = false)")
         return None
-    if _is_loopback(host):
+    if is_loopback(host):
         log.info("mDNS: not advertising, %s is loopback-only (set server.host to listen"
                  " on the LAN)", host)
         return None
-    advertiser = Advertiser(cfg.get("server.name"), host, port,
+    advertiser = Advertiser(cfg.server.name, host, port,
                             lambda: txt_properties(cfg, scheduler))
     try:
         await advertiser.start()
@@ -71,9 +70,6 @@ RELOADABLE_PREFIXES = ("scheduler.", "server.api_key", "server.max_batch",
 
 def reload_config(app: web.Application, scheduler: Scheduler, load: Callable[[], Config]) -> None:
     """SIGHUP: re-read the configuration and apply what is safe to change live."""
-    from .app import SERVICES
-    from .validation import Limits
-
     services = app[SERVICES]
     try:
         new = load()
@@ -87,9 +83,8 @@ def reload_config(app: web.Application, scheduler: Scheduler, load: Callable[[],
     later = [k for k in changed if k not in live]
     merged = Config(values={**old.values, **{k: new.values[k] for k in live}}, source=new.source)
     services.cfg = merged
-    services.limits = Limits(int(merged.get("server.max_batch")),
-                             int(merged.get("server.max_text_chars")))
-    scheduler.apply_tunables(merged)
+    services.limits = Limits(merged.server.max_batch, merged.server.max_text_chars)
+    scheduler.apply_settings(SchedulerSettings.from_config(merged))
     logging.getLogger().setLevel(str(merged.get("log_level")).upper())
     log.info("configuration reloaded: applied %s", ", ".join(live) or "nothing")
     if later:
@@ -101,16 +96,16 @@ async def _preload(cfg: Config, scheduler: Scheduler) -> None:
     allowance (EXTEND_TIMEOUT_USEC) so a slow first load on a board is not killed by
     TimeoutStartSec. Requests that arrive meanwhile are queued as usual. A failed load is
     logged and reported by /health; the daemon serves anyway."""
-    for task in preload_tasks(cfg.get("server.preload")):
-        model = scheduler.model_state(task)
-        allowance = scheduler.load_allowance(model)
-        notify(f"EXTEND_TIMEOUT_USEC={int(allowance * 1e6)}",
-               f"STATUS=loading {model.plan.name} for {task} on {model.plan.device}")
+    for task in cfg.server.preload:
+        model = scheduler.snapshot().tasks[task].serving
+        notify(f"EXTEND_TIMEOUT_USEC={int(model.load_allowance * 1e6)}",
+               f"STATUS=loading {model.name} for {task} on {model.device}")
         try:
-            state = await asyncio.wait_for(scheduler.control("load", model), allowance)
-            log.info("preloaded %s (%s): %s", task, model.plan.name, state)
+            state = await asyncio.wait_for(scheduler.control("load", task),
+                                           model.load_allowance)
+            log.info("preloaded %s (%s): %s", task, model.name, state)
         except Exception as exc:  # any failure: serve anyway, /health says why
-            log.warning("preload of %s (%s) failed: %s", task, model.plan.name, exc)
+            log.warning("preload of %s (%s) failed: %s", task, model.name, exc)
 
 
 async def _until_stopped(work: Awaitable[None], stop: asyncio.Event) -> bool:
@@ -141,23 +136,23 @@ async def _drain(app: web.Application, timeout: float) -> None:
 async def run_server(cfg: Config, load: Callable[[], Config] | None = None) -> int:
     scheduler = create_scheduler(cfg)
     app = build_app(cfg, scheduler)
-    host, port = cfg.get("server.host"), int(cfg.get("server.port"))
-    if not _is_loopback(host) and not cfg.get("server.api_key"):
+    host, port = cfg.server.host, cfg.server.port
+    if not is_loopback(host) and not cfg.server.api_key:
         log.warning(
             "!!! listening on %s WITHOUT an API key: anyone on the network can use this server."
             " Set server.api_key (or NPUSERVE_SERVER_API_KEY). !!!", host)
     # handler_cancellation: a client that disconnects cancels its handler, so
     # its queued work is dropped instead of computed for nobody.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                           shutdown_timeout=float(cfg.get("server.shutdown_timeout")))
+                           shutdown_timeout=cfg.server.shutdown_timeout)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
     actual_port = runner.addresses[0][1] if runner.addresses else port
     log.info("npuserve listening on http://%s:%d (state %s)", host, actual_port, cfg.state_dir)
-    for task in ("embed", "rerank", "expand"):
-        m = scheduler.model_state(task)
-        log.info("  %-6s -> %s on %s (%s)", task, m.plan.name, m.plan.device, m.plan.spec.path)
+    for task, route in scheduler.snapshot().tasks.items():
+        m = route.serving
+        log.info("  %-6s -> %s on %s (%s)", task, m.name, m.device, m.path)
     # Signals first: a SIGTERM during a long first load must stop cleanly, not kill.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -175,7 +170,7 @@ async def run_server(cfg: Config, load: Callable[[], Config] | None = None) -> i
     log.info("stopping: finishing in-flight requests")
     # Ask systemd for the configured drain time (plus a margin to stop the workers)
     # so a long shutdown is not cut short by TimeoutStopSec.
-    drain = float(cfg.get("server.shutdown_timeout"))
+    drain = cfg.server.shutdown_timeout
     notify("STOPPING=1", f"EXTEND_TIMEOUT_USEC={int((drain + 10.0) * 1e6)}",
            "STATUS=finishing in-flight requests")
     if watchdog is not None:

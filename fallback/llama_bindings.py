@@ -17,7 +17,7 @@ import sys
 from types import ModuleType
 from typing import Any
 
-from npuserve.daemon.backend_api import ModelLoadError
+from npuserve.daemon.models.backend_api import ModelLoadError
 
 log = logging.getLogger("npuserve.llama")
 

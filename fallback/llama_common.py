@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from npuserve.daemon.worker_protocol import ModelSpec
-
 
 def thread_count(requested: int) -> int:
     """Threads for llama.cpp: never more than the cores this process may use.
@@ -44,12 +42,3 @@ def extra_buffers_safe(flags: set[str]) -> bool:
     included, the repacked layouts are kept: they are what makes Q4_0 fast there.
     """
     return "amx_int8" not in flags
-
-
-def file_memory_estimate(spec: ModelSpec, per_ctx_token: int) -> int:
-    """Weights (the file, mmapped) plus a context buffer that grows with n_ctx."""
-    try:
-        size = Path(spec.path).stat().st_size
-    except OSError:
-        size = 0
-    return size + spec.n_ctx * per_ctx_token + 32 * 1024 * 1024

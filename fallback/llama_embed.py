@@ -13,24 +13,24 @@ from array import array
 from pathlib import Path
 from typing import Any
 
-from npuserve.daemon.backend_api import (
+from npuserve.daemon.models.backend_api import (
     Backend,
     BackendError,
     EmbedOutput,
     LoadInfo,
     ModelLoadError,
 )
-from npuserve.daemon.vector_rows import VectorRows, l2_normalized
-from npuserve.daemon.worker_protocol import ModelSpec
+from npuserve.daemon.models.vector_rows import VectorRows, l2_normalized
+from npuserve.daemon.worker.protocol import ModelSpec
 
-from .llama_common import file_memory_estimate, thread_count
+from .llama_common import thread_count
 from .llama_session import LlamaModel, LlamaSession
 
 # Sequences one decode may pack. llama.cpp keeps an output row of n_vocab + n_embd floats
 # per sequence slot and clears it all at context creation: llama-cpp-python's 256 slots
 # cost 30 MB of RSS for MiniLM before the first request; 32 slots cost 4 MB and fill a
 # 512-token batch with 16-token queries, which is where packing pays
-# (bench/bench_embed_options.py).
+# (docs/benchmarks.md, design notes).
 MAX_PACKED_SEQUENCES = 32
 # Tokens one packed decode may hold. Every token of an embedding batch is an output row of
 # n_vocab + n_embd floats (123 KB for MiniLM), allocated and cleared at the batch's size:
@@ -93,7 +93,7 @@ class LlamaEmbedBackend(LlamaSession, Backend):
         params.pooling_type = pooling
         params.n_threads = params.n_threads_batch = thread_count(self.spec.threads)
         # Flash attention: measured ~1.5x (100-token) to ~2x (440-token) faster embeddings
-        # on this CPU with vectors unchanged (bench/bench_embed_options.py).
+        # on this CPU with vectors unchanged (docs/benchmarks.md, design notes).
         params.flash_attn_type = (llama.LLAMA_FLASH_ATTN_TYPE_ENABLED
                                   if self.spec.option("flash_attn", True)
                                   else llama.LLAMA_FLASH_ATTN_TYPE_DISABLED)
@@ -129,7 +129,7 @@ class LlamaEmbedBackend(LlamaSession, Backend):
         rows: list[list[float]] = [[] for _ in texts]
         # Short texts are packed, several sequences per decode (up to PACK_TOKENS):
         # with flash attention 1.4-1.9x faster for 16-token queries, same vectors; long
-        # ones go one per decode, as they fill a batch alone (bench_embed_options.py).
+        # ones go one per decode, as they fill a batch alone (docs/benchmarks.md, design notes).
         for group in self._groups([toks for toks, _ in tokenized]):
             for seq, vec in enumerate(self._decode([tokenized[i][0] for i in group])):
                 rows[group[seq]] = vec
@@ -180,6 +180,4 @@ class LlamaEmbedBackend(LlamaSession, Backend):
                 used = len(toks)
         return groups
 
-    def memory_estimate(self) -> int:
-        return file_memory_estimate(self.spec, per_ctx_token=16 * 1024)
 

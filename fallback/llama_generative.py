@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from npuserve.daemon.backend_api import (
+from npuserve.daemon.config import DEFAULT_RERANK_TEMPLATE
+from npuserve.daemon.models.backend_api import (
     Backend,
     BackendError,
     ExpandOutput,
@@ -23,8 +24,7 @@ from npuserve.daemon.backend_api import (
     ModelLoadError,
     RerankOutput,
 )
-from npuserve.daemon.config import DEFAULT_RERANK_TEMPLATE
-from npuserve.daemon.qmd_conventions import (
+from npuserve.daemon.models.qmd_conventions import (
     MIN_DOC_TOKENS,
     expansion_grammar,
     expansion_prompt,
@@ -32,9 +32,9 @@ from npuserve.daemon.qmd_conventions import (
     parse_expansion,
     split_rerank_template,
 )
-from npuserve.daemon.worker_protocol import ModelSpec
+from npuserve.daemon.worker.protocol import ModelSpec
 
-from .llama_common import file_memory_estimate, thread_count
+from .llama_common import thread_count
 from .llama_session import LlamaModel, LlamaSession
 
 # Expansions generated together, one token each per decode: a step of a small model is
@@ -144,7 +144,7 @@ class LlamaGenerativeBackend(LlamaSession, Backend):
         # every position of a micro-batch: 515 MB for gemma-3-270m (262k tokens) at 512,
         # 129 MB at 128. Rerank and expansion need logits at one position per sequence,
         # and their documents and prompts are short, so small micro-batches cost little
-        # speed (bench/bench_generative_ubatch.py) and keep the memory.
+        # speed (docs/benchmarks.md, design notes) and keep the memory.
         ubatch = int(self.spec.option("n_ubatch", DEFAULT_UBATCH))
         # A generation step decodes one token of every parallel sequence at once.
         params.n_batch = params.n_ubatch = max(MAX_PARALLEL_EXPANSIONS,
@@ -160,8 +160,6 @@ class LlamaGenerativeBackend(LlamaSession, Backend):
                                f" ({n_seq} sequences)")
         self._ctx_kind = (n_seq, flash)
 
-    def memory_estimate(self) -> int:
-        return file_memory_estimate(self.spec, per_ctx_token=64 * 1024)
 
     # --- tokens ---------------------------------------------------------
 

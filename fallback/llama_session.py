@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from npuserve.daemon.backend_api import BackendError, ModelLoadError
-from npuserve.daemon.worker_protocol import ModelSpec
+from npuserve.daemon.models.backend_api import BackendError, ModelLoadError
+from npuserve.daemon.worker.protocol import ModelSpec
 
 from .llama_bindings import lib
 from .llama_common import cpu_flags, extra_buffers_safe

@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from npuserve.daemon.backend_api import (
+from npuserve.daemon.models.backend_api import (
     Backend,
     BackendError,
     EmbedOutput,
@@ -21,9 +21,9 @@ from npuserve.daemon.backend_api import (
     ModelLoadError,
     RerankOutput,
 )
-from npuserve.daemon.qmd_conventions import expansion_prompt, parse_expansion
-from npuserve.daemon.vector_rows import VectorRows, l2_normalized
-from npuserve.daemon.worker_protocol import ModelSpec
+from npuserve.daemon.models.qmd_conventions import expansion_prompt, parse_expansion
+from npuserve.daemon.models.vector_rows import VectorRows, l2_normalized
+from npuserve.daemon.worker.protocol import ModelSpec
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 
@@ -74,8 +74,6 @@ class OllamaBackend(Backend):
     def count_tokens(self, text: str) -> int:
         return max(1, len(text) // 4)  # the Ollama API has no tokenizer endpoint
 
-    def memory_estimate(self) -> int:
-        return 0
 
     def embed(self, texts: list[str]) -> EmbedOutput:
         out = self._post("/api/embed", {"model": self.model, "input": texts})

@@ -169,7 +169,7 @@ def rerank_samples(tokenizer: Path, seq_len: int) -> tuple[Samples, list[int]]:
     from tokenizers import Tokenizer
 
     from npuserve.daemon.config import DEFAULT_INSTRUCTION, DEFAULT_RERANK_TEMPLATE
-    from npuserve.daemon.qmd_conventions import split_rerank_template
+    from npuserve.daemon.models.qmd_conventions import split_rerank_template
 
     tok = Tokenizer.from_file(str(tokenizer))
     samples, lengths = [], []
@@ -191,7 +191,7 @@ def convert_rerank(gguf_path: Path, out_dir: Path, name: str,
     import gguf
     from tokenizers import Tokenizer
 
-    from npuserve.daemon.qmd_conventions import p_yes
+    from npuserve.daemon.models.qmd_conventions import p_yes
 
     from .causal_export import build_rerank_onnx, read_shape
     from .gguf_tokenizer import tokenizer_from_gguf

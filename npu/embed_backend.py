@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from npuserve.daemon.backend_api import EmbedOutput
-from npuserve.daemon.vector_rows import VectorRows
+from npuserve.daemon.models.backend_api import EmbedOutput
+from npuserve.daemon.models.vector_rows import VectorRows
 
 from .model_backend import NpuModelBackend
 from .model_dir import Bucket

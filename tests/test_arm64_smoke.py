@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from npuserve.daemon.worker_protocol import ModelSpec
+from npuserve.daemon.worker.protocol import ModelSpec
 from npuserve.npu.embed_backend import NpuEmbedBackend
 
 from .conftest import free_port, http_json

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from npuserve.daemon.app import SERVICES
+from npuserve.daemon.http.services import SERVICES
 
 
 async def _error(resp, status: int) -> str:
@@ -144,9 +144,9 @@ async def test_corrupt_model_file_makes_health_503_with_reason(make_client, tmp_
     assert int(resp.headers["Retry-After"]) >= 1
     # Within the back-off the load is not retried on every request.
     sched = client.app[SERVICES].scheduler
-    failures = sched.metrics["load_failures"]
+    failures = sched.snapshot().events.get("load_failures", 0)
     again = await client.post("/embed", json={"text": "y"})
-    assert again.status == 503 and sched.metrics["load_failures"] == failures
+    assert again.status == 503 and sched.snapshot().events.get("load_failures", 0) == failures
     health = await client.get("/health")
     body = await health.json()
     assert health.status == 503 and body["ok"] is False and "load failed" in body["error"]

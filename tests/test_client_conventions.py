@@ -104,6 +104,11 @@ async def test_metrics_prometheus_text(client):
     assert 'npuserve_http_requests_total{endpoint="/embed",status="200"} 1' in text
     assert 'status="404"' in text
     assert "npuserve_http_request_duration_seconds_bucket" in text
-    assert 'npuserve_model_loads{model="all-minilm-l6-v2",device="cpu"} 1' in text
+    assert 'npuserve_model_loads_total{model="all-minilm-l6-v2",device="cpu"} 1' in text
     assert "npuserve_queue_depth" in text
-    assert 'npuserve_model_load_seconds{model="all-minilm-l6-v2"' in text
+    assert 'npuserve_model_load_seconds_total{model="all-minilm-l6-v2"' in text
+    # Counts that only grow are typed counter (rate() works on them); levels are gauges.
+    assert "# TYPE npuserve_model_loads_total counter" in text
+    assert "# TYPE npuserve_scheduler_loads_total counter" in text
+    assert "# TYPE npuserve_queue_depth gauge" in text
+    assert "# TYPE npuserve_model_loads " not in text, "no untyped twin of a counter"

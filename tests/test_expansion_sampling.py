@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from npuserve.daemon.backend_api import ExpandRequest
-from npuserve.daemon.worker_protocol import ModelSpec
+from npuserve.daemon.models.backend_api import ExpandRequest
+from npuserve.daemon.worker.protocol import ModelSpec
 from npuserve.fallback.llama_generative import LlamaGenerativeBackend
 
 LINE = re.compile(r"^(lex|vec|hyde): [^\n]{1,40}$")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from npuserve.daemon.app import SERVICES
+from npuserve.daemon.http.services import SERVICES
 
 MAN = Path("/usr/share/man/man1")
 PAGES = ["ls", "cp", "mv", "chmod", "chown", "mkdir", "rm", "cat", "sort", "gzip", "tar",
@@ -96,6 +96,7 @@ async def test_bm25_works_before_any_vector_exists(make_client, corpus, tmp_path
     assert "cannot load" in status["embedder"]["last_error"]
 
 
+@pytest.mark.slow  # slow: the whole hybrid pipeline (expansion, embedding, rerank) on real models
 async def test_vector_and_hybrid_search_find_paraphrases(indexed):
     status = await _wait_embedded(indexed)
     assert status["hasVectorIndex"] is True and status["totalDocuments"] >= 12
@@ -121,6 +122,7 @@ async def test_vector_and_hybrid_search_find_paraphrases(indexed):
         assert {"bm25", "embed", "search", "rerank"} <= set(names)
 
 
+@pytest.mark.slow  # slow: the whole hybrid pipeline (expansion, embedding, rerank) on real models
 async def test_hybrid_skips_expansion_on_strong_bm25_signal(indexed):
     await _wait_embedded(indexed)
     # Words only gzip's page uses: one clear BM25 winner, so no expansion is needed.
@@ -138,12 +140,12 @@ async def test_hybrid_skips_expansion_on_strong_bm25_signal(indexed):
 async def test_unchanged_documents_are_not_reembedded(indexed, corpus):
     await _wait_embedded(indexed)
     sched = indexed.app[SERVICES].scheduler
-    calls = sched.metrics["backend_calls"]
+    calls = sched.snapshot().events.get("backend_calls", 0)
     resp = await indexed.put("/collections/man/documents/man1/ls.1",
                              json={"body": corpus["ls"], "title": "ls"})
     assert resp.status == 200 and (await resp.json())["status"] == "unchanged"
     await asyncio.sleep(0.3)
-    assert sched.metrics["backend_calls"] == calls
+    assert sched.snapshot().events.get("backend_calls", 0) == calls
     changed = await indexed.put("/collections/man/documents/man1/ls.1",
                                 json={"body": corpus["ls"] + "\nNew line.", "title": "ls"})
     assert (await changed.json())["status"] == "replaced"

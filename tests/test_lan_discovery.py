@@ -91,6 +91,7 @@ def wait_discovered(expect: int, tries: int = 5) -> list[dict]:
     return found
 
 
+@pytest.mark.slow  # slow: two network namespaces and three daemon starts
 def test_discovery_and_client_across_a_link_and_after_restart(two_hosts, state_dir):
     proc = start_daemon_in(state_dir)
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from npuserve.daemon.memory_available import cgroup_room, mem_available
+from npuserve.daemon.sched.memory import cgroup_room, mem_available
 
 MB = 1024 * 1024
 
@@ -97,7 +97,7 @@ def test_a_real_memory_cgroup_limits_what_the_daemon_plans_with(tmp_path):
             capture_output=True, text=True, timeout=120).stdout
 
     try:
-        inside = int(in_group("-c", "from npuserve.daemon.memory_available import"
+        inside = int(in_group("-c", "from npuserve.daemon.sched.memory import"
                               " mem_available; print(mem_available())"))
         # (doctor's verdict here is "not ready": this state directory has no models)
         doctor = in_group("-m", "npuserve.daemon.cli", "doctor", "--state-dir", str(tmp_path))

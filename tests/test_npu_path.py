@@ -10,10 +10,10 @@ import logging
 import numpy as np
 import pytest
 
-from npuserve.daemon.app import SERVICES
-from npuserve.daemon.backend_api import ModelLoadError
-from npuserve.daemon.model_registry import npu_model_problems
-from npuserve.daemon.worker_protocol import ModelSpec
+from npuserve.daemon.http.services import SERVICES
+from npuserve.daemon.models.backend_api import ModelLoadError
+from npuserve.daemon.models.registry import npu_model_problems
+from npuserve.daemon.worker.protocol import ModelSpec
 from npuserve.npu import detect as detect_module
 from npuserve.npu.detect import detect
 from npuserve.npu.embed_backend import NpuEmbedBackend
@@ -120,7 +120,7 @@ async def test_hung_npu_call_is_killed_and_retried(npu_client, monkeypatch):
     sched = npu.app[SERVICES].scheduler
     resp = await npu.post("/embed", json={"text": "the warm-up was call one"})
     assert resp.status == 200
-    assert sched.metrics["worker_crashes"] >= 1, "the hung worker was killed"
+    assert sched.snapshot().events.get("worker_crashes", 0) >= 1, "the hung worker was killed"
     assert len((await resp.json())["embedding"]) == 384
 
 
@@ -129,15 +129,15 @@ async def test_npu_reprobe_returns_work_to_the_npu(npu_client, monkeypatch):
     npu = await npu_client(npu__reprobe_seconds="1")
     sched = npu.app[SERVICES].scheduler
     assert (await npu.post("/embed", json={"text": "x"})).status == 200
-    assert sched.primary_state("embed").tripped
+    assert sched.snapshot().tasks["embed"].primary.fallback
     monkeypatch.delenv("RKNN_REFERENCE_FAULT")
     # The NPU lane's worker died with nothing; a new one (clean env) is spawned to probe.
     sched.lanes["npu"].worker.kill_now()
     for _ in range(100):
-        if not sched.primary_state("embed").tripped:
+        if not sched.snapshot().tasks["embed"].primary.fallback:
             break
         await asyncio.sleep(0.1)
-    assert not sched.primary_state("embed").tripped
+    assert not sched.snapshot().tasks["embed"].primary.fallback
     health = await (await npu.get("/health")).json()
     assert health["devices"]["embed"]["device"] == "npu"
 

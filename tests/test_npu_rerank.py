@@ -5,15 +5,17 @@ on the same GGUF. Untested on hardware."""
 from __future__ import annotations
 
 import asyncio
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from npuserve.daemon.backend_api import RerankOutput
 from npuserve.daemon.config import DEFAULT_INSTRUCTION, DEFAULT_RERANK_TEMPLATE
-from npuserve.daemon.worker_protocol import ModelSpec
+from npuserve.daemon.http.services import SERVICES
+from npuserve.daemon.models.backend_api import RerankOutput
+from npuserve.daemon.worker.protocol import ModelSpec
 from npuserve.fallback.llama_generative import LlamaGenerativeBackend
 from npuserve.fallback.llama_session import LlamaModel
 from npuserve.npu.rerank_backend import NpuRerankBackend
@@ -168,3 +170,48 @@ def test_convert_refuses_a_model_it_cannot_export(models_dir, tmp_path):
     assert run.returncode == 2
     assert "architecture 'bert'" in run.stderr
     assert not (tmp_path / "out").exists()
+
+
+async def test_npu_rerank_falls_back_then_returns_when_the_npu_works_again(
+        npu_rerank_client, monkeypatch, tmp_path):
+    """The re-probe of a tripped NPU model used to load it beside the scheduler's accounting
+    and always send an embedding: an NPU rerank model could never pass it, and was loaded
+    again at every probe, for good. The probe now goes through the one load path and sends
+    the model's own task; while the NPU keeps failing, probes back off."""
+    fault = tmp_path / "fault"
+    fault.write_text("none_after:0")  # every NPU inference returns None, as RKNNLite does
+    monkeypatch.setenv("RKNN_REFERENCE_FAULT_FILE", str(fault))
+    npu = await npu_rerank_client(npu__reprobe_seconds="1")
+    sched = npu.app[SERVICES].scheduler
+    body = {"query": QUERY, "documents": [{"file": f"d{i}.md", "text": t}
+                                          for i, t in enumerate(DOCS[:3])]}
+
+    def rerank_model():
+        return sched.snapshot().tasks["rerank"]
+
+    resp = await npu.post("/rerank", json=body)
+    assert resp.status == 200, await resp.text()
+    assert rerank_model().serving.device == "cpu" and rerank_model().primary.fallback
+    # While the NPU fails: each probe is one accounted load, and they back off (1 s, then
+    # 2, 4, 8 ... after each failure), not a reload loop.
+    start = asyncio.get_running_loop().time()
+    first = sched.snapshot()
+    await asyncio.sleep(8.0)
+    elapsed = asyncio.get_running_loop().time() - start
+    probes = sched.snapshot().events.get("npu_probes", 0) - first.events.get("npu_probes", 0)
+    loads = rerank_model().primary.loads - first.tasks["rerank"].primary.loads
+    assert 1 <= probes <= 1 + math.log2(elapsed + 1), (probes, elapsed)
+    assert loads == probes, "every probe loads through the scheduler's accounting"
+    assert rerank_model().primary.fallback and not rerank_model().primary.resident
+    # The NPU works again: the next probe (a rerank) passes and the work comes back.
+    fault.write_text("")
+    for _ in range(300):
+        if not rerank_model().primary.fallback:
+            break
+        await asyncio.sleep(0.1)
+    assert not rerank_model().primary.fallback, "the NPU took its work back"
+    resp = await npu.post("/rerank", json=body)
+    assert resp.status == 200
+    health = await (await npu.get("/health")).json()
+    assert health["devices"]["rerank"]["device"] == "npu"
+    assert "fallback_from" not in health["devices"]["rerank"]

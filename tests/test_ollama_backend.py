@@ -9,8 +9,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from npuserve.daemon.model_store import SMOLLM2_RERANK_TEMPLATE
-from npuserve.daemon.worker_protocol import ModelSpec
+from npuserve.daemon.models.store import SMOLLM2_RERANK_TEMPLATE
+from npuserve.daemon.worker.protocol import ModelSpec
 from npuserve.fallback.llama_embed import LlamaEmbedBackend
 from npuserve.fallback.llama_generative import LlamaGenerativeBackend
 

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from npuserve.daemon.app import build_app
+from npuserve.daemon.http.app import build_app
 from npuserve.daemon.server import create_scheduler
 
 from .conftest import start_daemon, wait_http
 from .reliability_support import FUZZ_EXAMPLES, record
+
+pytestmark = pytest.mark.slow  # fuzzing: minutes of generated requests
 
 # Fuzzing limits: small bounds keep each generated request cheap on two cores while every
 # limit still gets probed from both sides.
@@ -32,8 +34,8 @@ def _openapi_path(route_path: str) -> str:
 def test_every_route_is_in_the_openapi_document(make_config):
     cfg = make_config()
     app = build_app(cfg, create_scheduler(cfg))
-    from npuserve.daemon.openapi import openapi_document
-    from npuserve.daemon.validation import Limits
+    from npuserve.daemon.http.openapi import openapi_document
+    from npuserve.daemon.http.validation import Limits
 
     paths = openapi_document(Limits(8, 100))["paths"]
     registered = {(r.method.lower(), _openapi_path(r.resource.canonical))

@@ -11,8 +11,8 @@ import re
 
 import pytest
 
-from npuserve.daemon.app import SERVICES
-from npuserve.daemon.prefetch import CHUNK_BYTES, Prefetcher
+from npuserve.daemon.http.services import SERVICES
+from npuserve.daemon.sched.prefetch import CHUNK_BYTES, Prefetcher
 
 PASSAGE = "apt resolves dependencies, downloads archives and unpacks them in order. " * 3
 
@@ -99,7 +99,7 @@ async def _rerank_embed_rerank(client) -> None:
 
 
 def _prefetched(metrics: str) -> int:
-    found = re.search(r'npuserve_prefetch_bytes\{device="cpu"\} (\S+)', metrics)
+    found = re.search(r'npuserve_prefetch_bytes_total\{device="cpu"\} (\S+)', metrics)
     assert found, metrics
     return int(float(found.group(1)))
 
@@ -107,7 +107,7 @@ def _prefetched(metrics: str) -> int:
 async def test_scheduler_reads_the_next_model_ahead(make_client, models_dir):
     client = await make_client(scheduler__prefetch="true")
     sched = client.app[SERVICES].scheduler
-    embed_file = sched.primary_state("embed").plan.files[0]
+    embed_file = sched.plans[sched.task_model["embed"]].files[0]
     assert (await client.post("/rerank", json={"query": "warm", "documents": [
         {"file": "a.md", "text": "warm"}]})).status == 200  # the reranker is resident
     _evict(embed_file)
@@ -116,7 +116,7 @@ async def test_scheduler_reads_the_next_model_ahead(make_client, models_dir):
     runtime = await (await client.get("/admin/models")).json()
     assert runtime["devices"]["cpu"]["prefetched_bytes"] == os.path.getsize(embed_file)
     assert _prefetched(await (await client.get("/metrics")).text()) > 0
-    assert sched.metrics["loads"] == 2
+    assert sched.snapshot().events.get("loads", 0) == 2
 
 
 async def test_prefetch_is_off_by_default(make_client):

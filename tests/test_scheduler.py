@@ -9,7 +9,7 @@ import os
 import aiohttp
 import pytest
 
-from npuserve.daemon.app import SERVICES
+from npuserve.daemon.http.services import SERVICES
 
 PASSAGE = "apt resolves dependencies, downloads archives and unpacks them in order. " * 3
 DOCS = [{"file": f"{i}.md", "text": f"document {i} about cats and naps"} for i in range(4)]
@@ -55,7 +55,7 @@ async def test_aging_bound_prevents_starvation(make_client):
     # The rerank was served while much of the flood was still queued (the effective
     # bound also scales with measured swap times, so how much depends on the machine).
     assert after > 60, (before, after)
-    assert _sched(client).metrics["loads"] >= 3  # embed -> rerank -> embed again
+    assert _sched(client).snapshot().events.get("loads", 0) >= 3  # embed -> rerank -> embed again
 
 
 async def test_aging_bound_never_preempts_older_work(make_client):
@@ -65,7 +65,7 @@ async def test_aging_bound_never_preempts_older_work(make_client):
     client = await make_client(scheduler__aging_ms="100", scheduler__switch_hysteresis_ms="0")
     sched = _sched(client)
     await client.post("/rerank", json={"query": "warm", "documents": DOCS})  # S resident
-    loads = sched.metrics["loads"]
+    loads = sched.snapshot().events.get("loads", 0)
     order: list[str] = []
     docs = [{"file": f"{i}.md", "text": PASSAGE} for i in range(6)]
 
@@ -82,7 +82,7 @@ async def test_aging_bound_never_preempts_older_work(make_client):
 
     await asyncio.gather(*[rerank(i) for i in range(4)], embed())
     assert order[-1] == "embed", order
-    assert sched.metrics["loads"] - loads == 1  # the embedding model, once
+    assert sched.snapshot().events.get("loads", 0) - loads == 1  # the embedding model, once
 
 
 async def test_hysteresis_serves_the_older_request_of_another_model(make_client):
@@ -97,7 +97,7 @@ async def test_hysteresis_serves_the_older_request_of_another_model(make_client)
 async def test_fifo_switching_is_selectable(make_client):
     client = await make_client(scheduler__switching="fifo")
     before, after = await _flood_then_rerank(client)
-    assert before + after == 300 and _sched(client).switching == "fifo"
+    assert before + after == 300 and _sched(client).settings.switching == "fifo"
 
 
 async def test_overload_is_503_with_retry_after_from_calibration(make_client):
@@ -106,16 +106,17 @@ async def test_overload_is_503_with_retry_after_from_calibration(make_client):
     # Calibrate: the first load measures a warm-up call, real calls refine it.
     for _ in range(3):
         assert (await client.post("/embed-batch", json={"texts": [PASSAGE] * 16})).status == 200
-    calls = sched.metrics["backend_calls"]
+    calls = sched.snapshot().events.get("backend_calls", 0)
     resp = await client.post("/embed-batch", json={"texts": [PASSAGE] * 512})
     assert resp.status == 503
     body = await resp.json()
     assert "exceeds" in body["error"]
-    per_item = sched.model_state("embed").task_costs["embed"].sec_per_item
+    per_item = sched.snapshot().tasks["embed"].serving.seconds_per_item["embed"]
     expected = per_item * 512
     retry_after = int(resp.headers["Retry-After"])
     assert 1 <= retry_after <= expected + 1, (retry_after, expected)
-    assert sched.metrics["backend_calls"] == calls, "refused work never reached the backend"
+    assert sched.snapshot().events.get("backend_calls", 0) == calls, (
+        "refused work never reached the backend")
 
 
 async def test_full_queue_is_503(make_client):
@@ -137,7 +138,7 @@ async def test_calibration_persists_across_restarts(make_client, state_dir):
     second = await make_client(scheduler__request_timeout="1")
     resp = await second.post("/embed-batch", json={"texts": [PASSAGE] * 512})
     assert resp.status == 503
-    assert _sched(second).model_state("embed").loads == 0
+    assert _sched(second).snapshot().tasks["embed"].serving.loads == 0
 
 
 async def test_disconnected_client_work_is_dropped(client):
@@ -152,11 +153,12 @@ async def test_disconnected_client_work_is_dropped(client):
                           timeout=aiohttp.ClientTimeout(total=0.2))
     assert (await busy).status == 200
     for _ in range(200):
-        if sched.metrics["dropped_disconnected"]:
+        if sched.snapshot().events.get("dropped_disconnected", 0):
             break
         await asyncio.sleep(0.05)
-    assert sched.metrics["dropped_disconnected"] == 1
-    assert sched.model_state("rerank").loads == 0, "nobody was waiting: no load, no compute"
+    assert sched.snapshot().events.get("dropped_disconnected", 0) == 1
+    assert sched.snapshot().tasks["rerank"].serving.loads == 0, (
+        "nobody was waiting: no load, no compute")
 
 
 async def test_keep_alive_unloads_idle_model(make_client):
@@ -169,7 +171,7 @@ async def test_keep_alive_unloads_idle_model(make_client):
         if not lane.resident:
             break
         await asyncio.sleep(0.05)
-    assert not lane.resident and sched.model_state("embed").unloads == 1
+    assert not lane.resident and sched.snapshot().tasks["embed"].serving.unloads == 1
 
 
 async def test_preloaded_model_stays_for_keep_alive(make_client):
@@ -255,7 +257,7 @@ async def test_concurrent_pipelines_share_model_loads(client):
         assert rr.status == 200
 
     await asyncio.gather(*[query(i) for i in range(6)])
-    assert sched.metrics["loads"] <= 6, sched.metrics["loads"]
+    assert sched.snapshot().events.get("loads", 0) <= 6, sched.snapshot().events.get("loads", 0)
 
 
 async def _embed_then_rerank(client, rounds: int = 2) -> int:
@@ -277,12 +279,12 @@ async def test_auto_keeps_both_models_where_memory_allows(make_client):
     client = await make_client(scheduler__policy="auto")
     assert await _embed_then_rerank(client) == 2
     sched = _sched(client)
-    assert sched.metrics["loads"] == 2, "no swap: each model loaded once"
+    assert sched.snapshot().events.get("loads", 0) == 2, "no swap: each model loaded once"
     # Footprints were measured (what the policy plans with, persisted for next time).
     listing = await (await client.get("/admin/models")).json()
     sizes = {m["name"]: m["calibration"]["footprint_bytes"] for m in listing["models"]}
     assert all(s > 10 * 2**20 for s in sizes.values()), sizes
-    assert all(m.costs.footprint_bytes == sizes[m.plan.name] for m in sched.all_models())
+    assert all(m.footprint_bytes == sizes[m.name] for m in sched.snapshot().models)
 
 
 async def test_auto_takes_turns_when_memory_is_short(make_client):
@@ -290,23 +292,23 @@ async def test_auto_takes_turns_when_memory_is_short(make_client):
     # file plus a margin) but not for both. A budget, not a reserve cut from MemAvailable:
     # that figure moves with every other program (a previous test's worker exiting freed
     # enough for both models once), the scheduler's own reckoning does not.
-    files = [m.plan.spec.path for m in _sched(await make_client()).all_models()]
+    files = [m.path for m in _sched(await make_client()).snapshot().models]
     larger = max(os.path.getsize(f) for f in files)
     budget_mb = (larger >> 20) + 64 + 8
     client = await make_client(scheduler__policy="auto",
                                scheduler__memory_budget_mb=str(budget_mb))
     assert await _embed_then_rerank(client) == 1
-    assert _sched(client).metrics["loads"] >= 3, "the models took turns"
+    assert _sched(client).snapshot().events.get("loads", 0) >= 3, "the models took turns"
     # Under the same budget, the rerank model alone stays resident: no swap to serve it.
-    loads = _sched(client).metrics["loads"]
+    loads = _sched(client).snapshot().events.get("loads", 0)
     for i in range(2):
         resp = await client.post("/rerank", json={"query": f"dogs {i}", "documents": DOCS})
         assert resp.status == 200
-    assert _sched(client).metrics["loads"] == loads
+    assert _sched(client).snapshot().events.get("loads", 0) == loads
 
 
 async def test_auto_takes_turns_when_the_reserve_leaves_no_room(make_client):
-    from npuserve.daemon.memory_available import mem_available
+    from npuserve.daemon.sched.memory import mem_available
 
     # A reserve above all the memory there is: however much other programs free meanwhile,
     # no second model fits beside the first - and each still loads, alone.
@@ -314,55 +316,7 @@ async def test_auto_takes_turns_when_the_reserve_leaves_no_room(make_client):
     client = await make_client(scheduler__policy="auto",
                                scheduler__memory_reserve_mb=str(reserve_mb))
     assert await _embed_then_rerank(client) == 1
-    assert _sched(client).metrics["loads"] >= 3, "the models took turns"
-
-
-def _lane_of_three(make_config, loads: dict[str, float], per_item: dict[str, float]):
-    """A CPU lane with expansion, embedding and rerank models whose load and call costs
-    are the given measurements (as calibration would hold them), nothing loaded."""
-    from npuserve.daemon.model_registry import ModelPlan
-    from npuserve.daemon.scheduler import Scheduler
-    from npuserve.daemon.worker_protocol import ModelSpec
-
-    plans = {t: ModelPlan(ModelSpec(t, "llama_cpp_generative", f"/models/{t}.gguf", 2048, 2),
-                          "cpu", t, tasks=[t]) for t in ("expand", "embed", "rerank")}
-    sched = Scheduler(make_config(), plans, {t: t for t in plans})
-    lane = sched.lanes["cpu"]
-    for task, model in lane.models.items():
-        model.costs.observe_load(loads[task])
-        model.task_costs[task].observe_call(1, per_item[task])
-    return lane
-
-
-def _queue(lane, task: str, items: int, age: float, now: float) -> None:
-    from npuserve.daemon.scheduler import Job
-
-    job = Job(task, None, items, now - age, now + 300, asyncio.Future())
-    lane.models[task].queue.append(job)
-
-
-async def test_a_swap_goes_to_the_queue_with_most_work_per_load_second(make_config):
-    """With the resident model's queue empty, the device loads the model whose queue does
-    the most work per second of loading, not the one with the oldest request; the oldest
-    still goes first once it has waited past the aging bound."""
-    lane = _lane_of_three(make_config, {"expand": 3.0, "embed": 0.7, "rerank": 3.1},
-                          {"expand": 0.8, "embed": 0.02, "rerank": 0.35})
-    lane.resident, lane.serving = ["embed"], "embed"  # embedding done, its queue empty
-    now = 1000.0
-    _queue(lane, "expand", 1, age=8.0, now=now)   # 0.8 s of work for a 3.0 s load
-    _queue(lane, "rerank", 10, age=2.0, now=now)  # 3.5 s of work for a 3.1 s load
-    assert lane.pick(now).model_id == "rerank"
-    for _ in range(7):  # eight expansions: 6.4 s of work for the same 3.0 s load
-        _queue(lane, "expand", 1, age=1.0, now=now)
-    assert lane.pick(now).model_id == "expand"
-    lane.models["expand"].queue.clear()
-    _queue(lane, "expand", 1, age=8.0, now=now)
-    bound = lane.sched.aging_bound(lane.models["expand"], lane.models["expand"])
-    assert lane.pick(now + bound).model_id == "expand"  # waited past the bound: no starving
-    # A resident model with work needs no swap while the rest is not much older.
-    lane.models["expand"].queue.clear()
-    _queue(lane, "embed", 3, age=0.1, now=now)
-    assert lane.pick(now).model_id == "embed"
+    assert _sched(client).snapshot().events.get("loads", 0) >= 3, "the models took turns"
 
 
 @pytest.mark.parametrize("anticipate_ms,first", [(50, "rerank"), (0, "expand")])

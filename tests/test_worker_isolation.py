@@ -8,8 +8,8 @@ import signal
 
 import numpy as np
 
-from npuserve.daemon import worker_protocol as wp
-from npuserve.daemon.app import SERVICES
+from npuserve.daemon.http.services import SERVICES
+from npuserve.daemon.worker import protocol as wp
 
 PASSAGE = ("Debian packages are installed with apt, which resolves dependencies and "
            "downloads archives from configured mirrors before unpacking them. ") * 3
@@ -41,7 +41,7 @@ async def test_daemon_survives_worker_sigkill_mid_batch(client):
     assert len(body) == 64 and all(len(item["embedding"]) == 384 for item in body)
     assert lane.worker.pid != pid
     metrics = await (await client.get("/metrics")).text()
-    assert "npuserve_scheduler_worker_crashes 1" in metrics
+    assert "npuserve_scheduler_worker_crashes_total 1" in metrics
     assert (await client.get("/health")).status == 200
 
 
@@ -76,7 +76,7 @@ async def test_unload_returns_worker_memory(make_client):
     assert (await client.post("/rerank", json={
         "query": "q", "documents": [{"file": "a", "text": "b"}]})).status == 200
     # Measure while loaded (keep_alive=0 already unloaded it): load again by hand.
-    spec = _sched(client).model_state("rerank").plan.spec
+    spec = _sched(client).plans[_sched(client).task_model["rerank"]].spec
     await lane.worker.call(wp.Load(spec))
     loaded = await lane.worker.call(wp.Stats())
     assert loaded.rss > baseline + 50 * 1024 * 1024, "SmolLM2 weights are resident"
@@ -90,7 +90,7 @@ async def test_model_loads_once_under_concurrent_first_requests(client):
     results = await asyncio.gather(*[
         client.post("/embed", json={"text": f"concurrent {i}"}) for i in range(12)])
     assert all(r.status == 200 for r in results)
-    assert sched.model_state("embed").loads == 1
+    assert sched.snapshot().tasks["embed"].serving.loads == 1
 
 
 async def test_concurrent_tasks_all_complete_in_sequential_mode(client):
@@ -125,11 +125,11 @@ async def test_concurrent_tasks_all_complete_in_sequential_mode(client):
 async def test_concurrent_embeds_are_coalesced(client):
     sched = _sched(client)
     await client.post("/embed", json={"text": "load first"})
-    before_calls = sched.metrics["backend_calls"]
+    before_calls = sched.snapshot().events.get("backend_calls", 0)
     texts = [f"{i} {PASSAGE}" for i in range(16)]
     responses = await asyncio.gather(*[client.post("/embed", json={"text": t}) for t in texts])
     assert all(r.status == 200 for r in responses)
-    calls = sched.metrics["backend_calls"] - before_calls
+    calls = sched.snapshot().events.get("backend_calls", 0) - before_calls
     assert calls < len(texts), f"{calls} backend calls for {len(texts)} requests"
     # Coalescing must not mix up results: each vector is its own text's. (Packed into one
     # decode with others, a text's vector may differ from its solo one in the last float
@@ -153,7 +153,8 @@ async def test_queued_request_past_deadline_gets_504_and_never_runs(make_client)
     assert late.status == 504
     assert "deadline" in (await late.json())["error"]
     assert (await busy).status == 200
-    assert sched.model_state("rerank").loads == 0, "the expired request never reached a model"
+    assert sched.snapshot().tasks["rerank"].serving.loads == 0, (
+        "the expired request never reached a model")
 
 
 async def test_concurrent_expansions_are_generated_side_by_side(make_client):
@@ -161,12 +162,12 @@ async def test_concurrent_expansions_are_generated_side_by_side(make_client):
     client = await make_client(models__expand__temperature="0")
     sched = _sched(client)
     await client.post("/expand", json={"query": "load the model first"})
-    before_calls = sched.metrics["backend_calls"]
+    before_calls = sched.snapshot().events.get("backend_calls", 0)
     queries = [f"debian kernel module {i}" for i in range(6)]
     responses = await asyncio.gather(*[client.post("/expand", json={"query": q})
                                        for q in queries])
     assert all(r.status == 200 for r in responses)
-    calls = sched.metrics["backend_calls"] - before_calls
+    calls = sched.snapshot().events.get("backend_calls", 0) - before_calls
     assert calls < len(queries), f"{calls} backend calls for {len(queries)} expansions"
     # Each answer is its own query's: QMD's filter keeps lines sharing a query term, and
     # the fallback lines carry the query itself.

@@ -1,0 +1,176 @@
+"""The aiohttp application: middlewares (errors, CORS, auth, metrics) and route tables.
+
+Layering: routes parse and validate, then call the scheduler; the scheduler
+talks to worker processes; only workers import model libraries.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from npuserve.daemon.config import Config
+from npuserve.daemon.errors import ApiError
+from npuserve.daemon.http.metrics import Registry
+from npuserve.daemon.http.services import SERVICES, Services, json_error, services
+from npuserve.daemon.http.validation import BODY_TIMEOUT, Limits
+from npuserve.daemon.sched.scheduler import Scheduler
+
+log = logging.getLogger("npuserve.http")
+PUBLIC_PATHS = frozenset({"/health", "/openapi.json"})
+DRAIN_ALLOWED = frozenset({"/health", "/metrics"})  # health says "shutting down" itself
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _route_label(request: web.Request) -> str:
+    info = request.match_info.route.resource
+    return info.canonical if info is not None else "unmatched"
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    start = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        route = _route_label(request)
+        reg = services(request).metrics
+        labels = (("endpoint", route), ("status", str(status)))
+        reg.inc("npuserve_http_requests_total", labels, help="HTTP requests by endpoint and status")
+        reg.observe("npuserve_http_request_duration_seconds", (("endpoint", route),),
+                    time.perf_counter() - start, help="HTTP request latency")
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves as {"error": ...} JSON: never aiohttp's HTML or text pages."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return json_error(exc.status, str(exc), exc.headers() or None)
+    except web.HTTPRequestEntityTooLarge:
+        limit = services(request).max_body
+        return json_error(413, f"request body too large (limit {limit} bytes,"
+                          " server.max_body_mb)")
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return json_error(405, f"method {request.method} not allowed on {request.path};"
+                          f" use {allowed}", {"Allow": allowed})
+    except web.HTTPNotFound:
+        return json_error(404, f"not found: {request.path}")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return json_error(exc.status, exc.reason or "error")
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return json_error(500, "internal server error")
+
+
+@web.middleware
+async def drain_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """While shutting down: in-flight requests finish, new ones are told to go elsewhere
+    at once (503 + Retry-After, connection closed) instead of finding a closed socket."""
+    svc = services(request)
+    if svc.draining and request.path not in DRAIN_ALLOWED:
+        return json_error(503, "server is shutting down; retry on another server or later",
+                          {"Retry-After": "5", "Connection": "close"})
+    svc.inflight += 1
+    try:
+        return await handler(request)
+    finally:
+        svc.inflight -= 1
+
+
+@web.middleware
+async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.method == "OPTIONS":
+        response: web.StreamResponse = web.Response(status=204)
+    else:
+        response = await handler(request)
+    response.headers["Access-Control-Allow-Origin"] = "*"
+    response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+    response.headers["Access-Control-Allow-Methods"] = "GET, POST, PUT, DELETE, OPTIONS"
+    return response
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    key = services(request).cfg.server.api_key
+    if key and request.path not in PUBLIC_PATHS:
+        given = request.headers.get("Authorization", "")
+        scheme, _, token = given.partition(" ")
+        # compare_digest: the time taken does not reveal how much of the key matched.
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
+                                                                 key.encode())
+        if not ok:
+            return json_error(401, "missing or wrong API key (Authorization: Bearer <key>)",
+                              {"WWW-Authenticate": 'Bearer realm="npuserve"'})
+    return await handler(request)
+
+
+def _open_index(app: web.Application, cfg: Config, scheduler: Scheduler) -> None:
+    """Open the index; on failure the model endpoints still serve and the index
+    endpoints answer 503 "No index database loaded"."""
+    from npuserve.daemon.index.service import IndexService
+
+    try:
+        index = IndexService.open(cfg.state_dir / "index.sqlite", scheduler, cfg.index)
+    except Exception:
+        log.exception("cannot open the index in %s", cfg.state_dir)
+        return
+    index.start()
+    app[SERVICES].index = index
+
+
+def build_app(cfg: Config, scheduler: Scheduler) -> web.Application:
+    from npuserve.daemon.http import (
+        rerank_shapes,
+        routes_admin,
+        routes_index,
+        routes_ollama,
+        routes_openai,
+        routes_ops,
+        routes_qmd,
+    )
+
+    server = cfg.server
+    max_body = server.max_body_bytes
+    app = web.Application(
+        client_max_size=max_body,
+        middlewares=[metrics_middleware, cors_middleware, error_middleware, drain_middleware,
+                     auth_middleware],
+    )
+    app[BODY_TIMEOUT] = server.body_timeout
+    app[SERVICES] = Services(
+        cfg=cfg,
+        scheduler=scheduler,
+        metrics=Registry(),
+        limits=Limits(server.max_batch, server.max_text_chars),
+        max_body=max_body,
+    )
+    for module in (routes_qmd, rerank_shapes, routes_openai, routes_ollama, routes_ops,
+                   routes_admin, routes_index):
+        app.add_routes(module.routes)
+
+    async def on_startup(app: web.Application) -> None:
+        scheduler.start()
+        if cfg.index.enabled:
+            _open_index(app, cfg, scheduler)
+
+    async def on_cleanup(app: web.Application) -> None:
+        index = app[SERVICES].index
+        if index is not None:
+            await index.close()
+        await scheduler.stop(server.shutdown_timeout)
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return app

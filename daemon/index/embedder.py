@@ -1,0 +1,102 @@
+"""Background embedding of stored chunks, through the scheduler, in batches.
+
+Documents are searchable by BM25 the moment they are stored; this loop adds
+their vectors afterwards. A failed batch leaves its chunks pending with a
+back-off, so a broken embedding model never blocks ingestion or BM25.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from npuserve.daemon.errors import SchedulerError, StorageError
+from npuserve.daemon.index.storage import IndexStorage
+from npuserve.daemon.sched.scheduler import Scheduler
+
+log = logging.getLogger("npuserve.embedder")
+
+
+def document_text(title: str, chunk: str) -> str:
+    """QMD's document format for embedding."""
+    return f"title: {title} | text: {chunk}"
+
+
+def query_text(query: str) -> str:
+    """QMD's query format for embedding."""
+    return f"task: search result | query: {query}"
+
+
+class Embedder:
+    def __init__(self, store: IndexStorage, scheduler: Scheduler, batch: int = 32) -> None:
+        self.store = store
+        self.scheduler = scheduler
+        self.batch = batch
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.failures = 0
+        self.embedded = 0
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self.run(), name="embedder")
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+
+    def poke(self) -> None:
+        self.wake.set()
+
+    async def run(self) -> None:
+        while True:
+            self.wake.clear()
+            try:
+                done_any = await self.step()
+            except StorageError as exc:
+                # Disk full or read-only: nothing can be recorded, not even the failure.
+                # Pause; the chunks stay pending and are embedded once writes work again.
+                self.last_error = str(exc)
+                log.warning("index not writable, embedding paused: %s", exc)
+                done_any = False
+            if not done_any:
+                try:
+                    # Chunks in back-off become due on their own: look again later.
+                    await asyncio.wait_for(self.wake.wait(), timeout=30)
+                except TimeoutError:
+                    pass
+
+    async def step(self) -> bool:
+        """Embed one batch of pending chunks; False when nothing was due."""
+        pending = await self.store.pending_chunks(self.batch)
+        if not pending:
+            return False
+        ids = [p[0] for p in pending]
+        texts = [document_text(p[2], p[3]) for p in pending]
+        try:
+            result = await self.scheduler.embed(texts)
+        except SchedulerError as exc:
+            self.failures += 1
+            self.last_error = str(exc)
+            backoff = min(600.0, 5.0 * 2 ** min(self.failures, 7))
+            log.warning("embedding %d chunks failed (retry in %.0fs): %s", len(ids), backoff, exc)
+            await self.store.embedding_failed(ids, str(exc), backoff)
+            return False
+        self.failures = 0
+        self.last_error = None
+        try:
+            written = await self.store.store_vectors(ids, [p[1] for p in pending],
+                                                     result.vectors, result.model)
+        except StorageError:
+            raise  # run() pauses; recording the failure would fail the same way
+        except Exception as exc:  # anything else: the chunks stay pending
+            log.exception("storing vectors failed")
+            self.last_error = f"storing vectors failed: {exc}"
+            await self.store.embedding_failed(ids, self.last_error, 60.0)
+            return False
+        self.embedded += written
+        return True

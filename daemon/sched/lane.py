@@ -1,0 +1,570 @@
+"""One device: its worker process, the models placed on it, and the loop that carries out
+the policy's decisions. The lane is the one record of which models are loaded there.
+
+Everything outside the lane comes in through `LaneContext`: the settings, the policy, the
+clock, the memory probe, the calibration store, the event counters and the two things only
+the scheduler can do (move an NPU model's work to its CPU twin on another lane; tell how
+much the other lanes hold). The worker comes from an injected factory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from npuserve.daemon.errors import (
+    BackendFailed,
+    BadRequest,
+    Busy,
+    DeadlineExceeded,
+    ModelUnavailable,
+    SchedulerError,
+)
+from npuserve.daemon.sched import costs
+from npuserve.daemon.sched.calibration import CalibrationStore
+from npuserve.daemon.sched.jobs import Job
+from npuserve.daemon.sched.model import ModelState
+from npuserve.daemon.sched.policy import (
+    Idle,
+    LaneView,
+    Load,
+    Policy,
+    Probe,
+    QueueView,
+    Reject,
+    Serve,
+    Unload,
+    Wait,
+)
+from npuserve.daemon.sched.prefetch import Prefetcher
+from npuserve.daemon.sched.settings import SchedulerSettings
+from npuserve.daemon.worker import protocol as wp
+from npuserve.daemon.worker.handle import WorkerDied, WorkerTimeout
+
+log = logging.getLogger("npuserve.scheduler")
+
+# A worker whose RSS stays this far above its pre-load baseline after every
+# model is unloaded is replaced, so "unload" returns memory for certain.
+RECYCLE_SLACK_BYTES = 48 * 1024 * 1024
+# Memory a read-ahead leaves free beside the resident model, for what it still allocates.
+PREFETCH_MARGIN_BYTES = 32 * 1024 * 1024
+PROBE_CALL_TIMEOUT = 30.0
+
+
+class Clock(Protocol):
+    def now(self) -> float: ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class MonotonicClock:
+    def now(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+class Worker(Protocol):
+    """What a lane needs of its worker process (worker/handle.py's WorkerHandle)."""
+
+    @property
+    def pid(self) -> int | None: ...
+
+    async def call(self, req: wp.Request, timeout: float | None = None) -> wp.Reply: ...
+
+    async def stop(self) -> None: ...
+
+    def kill_now(self) -> None: ...
+
+
+@dataclass
+class LaneContext:
+    settings: SchedulerSettings
+    policy: Policy
+    clock: Clock
+    memory_probe: Callable[[], int]
+    calibration: CalibrationStore
+    events: collections.Counter[str]
+    to_twin: Callable[[ModelState, str, list[Job]], None]
+    held_elsewhere: Callable[[Lane], int]
+    stopping: bool = False
+
+
+Control = tuple[str, ModelState, asyncio.Future[str]]
+
+
+class Lane:
+    def __init__(self, device: str, worker: Worker, ctx: LaneContext) -> None:
+        self.device = device
+        self.worker = worker
+        self.ctx = ctx
+        self.models: dict[str, ModelState] = {}
+        self.resident: list[str] = []  # least recently used first: what is loaded here
+        self.loading: str | None = None
+        self.light: collections.deque[Job] = collections.deque()
+        self.control: collections.deque[Control] = collections.deque()
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.baseline_rss: int | None = None
+        self.serving: str | None = None  # the model served last
+        self.batch_ended: float | None = None  # when it last answered, until one decision
+        self.prefetcher = Prefetcher()
+        self.swaps = 0
+        self.recycles = 0
+        self.crashes = 0
+
+    # --- what the policy sees ---------------------------------------------------------
+
+    def view(self, now: float) -> LaneView:
+        return LaneView(
+            models=tuple(self._queue_view(m) for m in self.models.values()),
+            resident=tuple(self.resident),
+            serving=self.serving,
+            batch_ended=self.batch_ended,
+            mem_available=self.ctx.memory_probe(),
+            held_elsewhere=self.ctx.held_elsewhere(self),
+            stopping=self.ctx.stopping,
+        )
+
+    def _queue_view(self, m: ModelState) -> QueueView:
+        resident = m.model_id in self.resident
+        return QueueView(
+            model_id=m.model_id,
+            head=m.queue[0].enqueued if m.queue else None,
+            work=m.queued_seconds(),
+            swap=costs.swap_seconds(m),
+            resident=resident,
+            footprint=costs.estimate_bytes(m),
+            mapped=costs.mapped_bytes(m) if resident else 0,
+            last_used=m.last_used,
+            retry_at=m.backoff.retry_at if m.backoff.waiting(self.ctx.clock.now()) else 0.0,
+            probe_at=m.breaker.next_probe() if m.breaker else None,
+        )
+
+    def state_of(self, model: ModelState) -> str:
+        if self.loading == model.model_id:
+            return "loading"
+        if model.model_id in self.resident:
+            return "ready"
+        return "failed" if model.backoff.error is not None else "unloaded"
+
+    # --- the loop -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            self.wake.clear()
+            await self._serve_control()
+            await self._serve_light()
+            now = self.ctx.clock.now()
+            self._drop_dead(now)
+            decision = self.ctx.policy.decide(self.view(now), now)
+            if isinstance(decision, Serve | Load | Reject | Wait):
+                self.batch_ended = None  # one wait per batch: the decision after it is final
+            if isinstance(decision, Idle):
+                if self.ctx.stopping and not self._busy():
+                    return
+                await self._sleep(decision.timeout)
+            elif isinstance(decision, Wait):
+                await self.ctx.clock.sleep(decision.seconds)
+            elif isinstance(decision, Unload):
+                for mid in decision.model_ids:
+                    await self._unload(self.models[mid])
+            elif isinstance(decision, Probe):
+                await self._probe(self.models[decision.model_id], decision.evict)
+            elif isinstance(decision, Reject):
+                model = self.models[decision.model_id]
+                self.fail_queue(model, ModelUnavailable(
+                    f"model {model.plan.name} cannot load: {model.backoff.error}",
+                    retry_after=decision.retry_after))
+            elif isinstance(decision, Load):
+                model = self.models[decision.model_id]
+                error = await self._load(model, decision.evict)
+                if error is not None:
+                    self._load_failed(model, error)
+                else:
+                    await self._visit(model)
+            else:
+                model = self.models[decision.model_id]
+                self._touch(model)
+                await self._visit(model)
+
+    async def _sleep(self, timeout: float | None) -> None:
+        try:
+            await asyncio.wait_for(self.wake.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    def _busy(self) -> bool:
+        return bool(self.light or self.control) or any(m.queue for m in self.models.values())
+
+    def _touch(self, model: ModelState) -> None:
+        self.resident.remove(model.model_id)
+        self.resident.append(model.model_id)
+
+    async def _visit(self, model: ModelState) -> None:
+        self.serving = model.model_id
+        self._prefetch_next(model)
+        await self._run_batch(model)
+
+    def _drop_dead(self, now: float) -> None:
+        """Expired requests get 504 and never run; cancelled ones are dropped."""
+        for m in self.models.values():
+            kept: collections.deque[Job] = collections.deque()
+            for job in m.queue:
+                if job.future.done():
+                    self.ctx.events["dropped_disconnected"] += 1
+                    continue  # the client went away
+                if now >= job.deadline:
+                    job.future.set_exception(DeadlineExceeded(
+                        f"request waited {now - job.enqueued:.1f}s, past its deadline"))
+                    self.ctx.events["deadline_expired"] += 1
+                    continue
+                kept.append(job)
+            m.queue = kept
+
+    async def _serve_control(self) -> None:
+        """Admin preload/unload, run between batches so they never cut into one."""
+        while self.control:
+            action, model, future = self.control.popleft()
+            if future.done():
+                continue
+            try:
+                if action == "load":
+                    await self._preload(model)
+                elif model.queue:
+                    raise Busy(f"{model.plan.name} has {len(model.queue)} queued requests")
+                else:
+                    await self._unload(model)
+                future.set_result(self.state_of(model))
+            except SchedulerError as exc:
+                future.set_exception(exc)
+
+    async def _preload(self, model: ModelState) -> None:
+        if model.model_id in self.resident:
+            self._touch(model)
+            return
+        now = self.ctx.clock.now()
+        if model.backoff.waiting(now):
+            raise ModelUnavailable(f"model {model.plan.name} cannot load: {model.backoff.error}",
+                                   retry_after=model.backoff.retry_at - now)
+        view = self.view(now)
+        error = await self._load(model, self.ctx.policy.victims(view, view.model(model.model_id)))
+        if error is not None:
+            self._load_failed(model, error)
+            raise ModelUnavailable(model.backoff.error or "load failed")
+
+    async def _serve_light(self) -> None:
+        while self.light:
+            job = self.light.popleft()
+            if job.future.done():
+                continue
+            try:
+                reply = await self.worker.call(job.request, timeout=60.0)
+            except (WorkerDied, WorkerTimeout) as exc:
+                self._worker_lost(str(exc))
+                job.future.set_exception(BackendFailed(f"tokenizer failed: {exc}"))
+                continue
+            settle(job, reply)
+
+    # --- residency ----------------------------------------------------------------------
+
+    async def _load(self, model: ModelState, evict: tuple[str, ...]) -> str | None:
+        """Unload `evict`, load `model`, account for it. None on success, else why not."""
+        # The load reads whatever the read-ahead has not: both at once would only share
+        # the disk, and a read-ahead of another model would take the memory.
+        self.prefetcher.cancel()
+        for victim in evict:
+            await self._unload(self.models[victim])
+        self.loading = model.model_id
+        try:
+            reply = await self.worker.call(wp.Load(model.plan.spec),
+                                           timeout=costs.load_allowance(model))
+        except (WorkerDied, WorkerTimeout) as exc:
+            self._worker_lost(str(exc))
+            return f"worker died while loading: {exc}"
+        finally:
+            self.loading = None
+        if isinstance(reply, wp.Failure):
+            return reply.error
+        assert isinstance(reply, wp.Loaded)
+        self._loaded(model, reply)
+        if any(c.sec_per_item is None for c in model.task_costs.values()):
+            await self._warm_up(model)
+        self.ctx.calibration.save()
+        return None
+
+    def _loaded(self, model: ModelState, reply: wp.Loaded) -> None:
+        if self.baseline_rss is None or not self.resident:
+            self.baseline_rss = reply.rss_before
+        model.backoff.succeeded()
+        # keep_alive counts from the load too: a preloaded model with nothing queued yet
+        # must not look idle since start-up and be unloaded at once.
+        model.last_used = self.ctx.clock.now()
+        model.counters.loads += 1
+        model.counters.load_seconds_total += reply.seconds
+        model.costs.observe_load(reply.seconds)
+        model.costs.observe_footprint(reply.rss_after - reply.rss_before)
+        model.dim = reply.dim
+        self.resident.append(model.model_id)
+        self.swaps += 1
+        self.ctx.events["loads"] += 1
+        for job in model.queue:
+            job.timing.load += reply.seconds
+        # The queues at the swap say why it happened, for whoever reads the log.
+        log.info("loaded %s on %s in %.2fs (queued: %s)", model.plan.name, self.device,
+                 reply.seconds, ", ".join(f"{m.plan.name} {len(m.queue)}"
+                                          for m in self.models.values()))
+
+    async def _warm_up(self, model: ModelState) -> None:
+        """First load ever: time one small call so admission has a figure at once."""
+        task = next((t for t in ("embed", "rerank") if t in model.plan.tasks), None)
+        if task is None or model.task_costs[task].sec_per_item is not None:
+            return  # a generation warm-up would cost more than it tells
+        spec = model.plan.spec
+        req: wp.Request = (wp.Embed(spec.model_id, ("warm-up " * 16,)) if task == "embed"
+                           else wp.Rerank(spec.model_id, "warm-up", ("warm-up " * 16,), ""))
+        start = self.ctx.clock.now()
+        try:
+            reply = await self.worker.call(req, timeout=costs.load_allowance(model))
+        except (WorkerDied, WorkerTimeout) as exc:
+            self._worker_lost(str(exc))
+            return
+        if not isinstance(reply, wp.Failure):
+            model.task_costs[task].observe_call(1, self.ctx.clock.now() - start)
+
+    async def _unload(self, model: ModelState) -> None:
+        if model.model_id not in self.resident:
+            return
+        self.resident.remove(model.model_id)
+        model.counters.unloads += 1
+        self.ctx.events["unloads"] += 1
+        try:
+            reply = await self.worker.call(wp.Unload(model.model_id), timeout=60.0)
+        except (WorkerDied, WorkerTimeout) as exc:
+            self._worker_lost(str(exc))
+            return
+        log.info("unloaded %s from %s", model.plan.name, self.device)
+        if not isinstance(reply, wp.Unloaded):
+            return
+        # What unloading gave back includes what the model grew to while serving
+        # (compute buffers, a generation's working set): the auto policy plans with it.
+        model.costs.observe_footprint(reply.rss_before - reply.rss_after)
+        if (not self.resident and self.baseline_rss is not None
+                and reply.rss_after > self.baseline_rss + RECYCLE_SLACK_BYTES):
+            log.info("worker %s kept %d MB after unload: recycling it", self.device,
+                     (reply.rss_after - self.baseline_rss) >> 20)
+            await self.worker.stop()
+            self.baseline_rss = None
+            self.recycles += 1
+
+    def _load_failed(self, model: ModelState, reason: str) -> None:
+        if model.breaker is not None:
+            # An NPU model that cannot load: its work goes to the CPU twin.
+            model.backoff.error = reason
+            self.ctx.to_twin(model, f"NPU load failed: {reason}", [])
+            return
+        backoff = model.backoff.failed(reason, self.ctx.clock.now())
+        self.ctx.events["load_failures"] += 1
+        log.error("loading %s failed (retry in %.0fs): %s", model.plan.name, backoff, reason)
+        self.fail_queue(model, ModelUnavailable(f"model {model.plan.name} cannot load: {reason}",
+                                                 retry_after=backoff))
+
+    def fail_queue(self, model: ModelState, exc: SchedulerError) -> None:
+        while model.queue:
+            job = model.queue.popleft()
+            if not job.future.done():
+                job.future.set_exception(exc)
+
+    def _worker_lost(self, reason: str) -> None:
+        """Everything the worker held is gone; the next call starts a new one."""
+        self.crashes += 1
+        self.ctx.events["worker_crashes"] += 1
+        log.error("%s worker lost: %s", self.device, reason)
+        self.resident.clear()
+        self.baseline_rss = None
+
+    def _prefetch_next(self, serving: ModelState) -> None:
+        """While `serving` computes, read ahead the files of the model that the device will
+        load next (by the rule that will pick it), within the memory free beside the
+        resident model: the swap then reads from memory instead of flash."""
+        if not self.ctx.settings.prefetch:
+            return
+        now = self.ctx.clock.now()
+        others = [self._queue_view(m) for m in self.models.values()
+                  if m.queue and m is not serving and m.model_id not in self.resident]
+        if not others:
+            return
+        view = LaneView(models=tuple(others))
+        nxt = self.models[self.ctx.policy.pick(view, others, now).model_id]
+        self.prefetcher.start(nxt.model_id, nxt.plan.files,
+                              self.ctx.memory_probe() - PREFETCH_MARGIN_BYTES)
+
+    # --- NPU probes ---------------------------------------------------------------------
+
+    async def _probe(self, model: ModelState, evict: tuple[str, ...]) -> None:
+        """Try a tripped NPU model again, through the same load as any other (eviction,
+        accounting), with the smallest call of its own task."""
+        breaker = model.breaker
+        assert breaker is not None
+        self.ctx.events["npu_probes"] += 1
+        ok = False
+        error = await self._load(model, evict)
+        if error is None:
+            request = breaker.probe_request(model.plan.spec, model.plan.tasks)
+            try:
+                reply = await self.worker.call(request, timeout=PROBE_CALL_TIMEOUT)
+                ok = not isinstance(reply, wp.Failure)
+                error = reply.error if isinstance(reply, wp.Failure) else None
+            except (WorkerDied, WorkerTimeout) as exc:
+                self._worker_lost(str(exc))
+                error = str(exc)
+            if not ok:
+                await self._unload(model)
+        if ok:
+            breaker.probe_succeeded()
+            model.backoff.succeeded()
+            self.ctx.events["npu_recoveries"] += 1
+            log.info("%s is back on the NPU", model.plan.name)
+        else:
+            backoff = breaker.probe_failed(self.ctx.clock.now())
+            log.info("NPU probe of %s failed (%s); next in %.0fs", model.plan.name, error,
+                     backoff)
+
+    # --- running ------------------------------------------------------------------------
+
+    async def _run_batch(self, model: ModelState) -> None:
+        other_heads = [m.queue[0].enqueued for m in self.models.values()
+                       if m is not model and m.queue]
+        jobs = self.ctx.policy.take(model.queue, other_heads)
+        delay = jobs[0].not_before - self.ctx.clock.now()
+        if delay > 0:  # a retry backs off without blocking the event loop
+            await self.ctx.clock.sleep(min(delay, 1.0))
+        start = self.ctx.clock.now()
+        for job in jobs:
+            job.timing.queued = start - job.enqueued - job.timing.load
+        self.ctx.events["backend_calls"] += 1
+        self.ctx.events["coalesced_requests"] += len(jobs) - 1
+        try:
+            reply = await self.worker.call(merge(jobs),
+                                           timeout=costs.run_allowance(model, jobs, start))
+        except (WorkerDied, WorkerTimeout) as exc:
+            self._worker_lost(str(exc))
+            if not await self._npu_failed(model, jobs, str(exc)):
+                self._retry_or_fail(model, jobs, exc)
+            return
+        elapsed = self.ctx.clock.now() - start
+        model.last_used = self.ctx.clock.now()
+        if isinstance(reply, wp.Failure) and reply.kind == "backend":
+            if not await self._npu_failed(model, jobs, reply.error):
+                self._retry_or_fail(model, jobs, RuntimeError(reply.error), reply.error)
+            return
+        if model.breaker is not None:
+            model.breaker.call_succeeded()
+        self.observe(model, jobs[0].task, sum(j.items for j in jobs), elapsed)
+        for job in jobs:
+            job.timing.inference = elapsed
+        deliver(jobs, reply)
+        self.batch_ended = self.ctx.clock.now()  # the replies are out: follow-ups may come
+
+    def observe(self, model: ModelState, task: str, items: int, seconds: float) -> None:
+        model.task_costs[task].observe_call(items, seconds)
+        self.ctx.calibration.note_call()
+
+    async def _npu_failed(self, model: ModelState, jobs: list[Job], reason: str) -> bool:
+        """The circuit breaker of an NPU model. The first failure re-initialises the model
+        (unload; the retry loads it again); at the threshold its work moves to the CPU twin
+        and the model is unloaded. True when the jobs were taken care of."""
+        breaker = model.breaker
+        if breaker is None:
+            return False
+        self.ctx.events["npu_failures"] += 1
+        if breaker.call_failed():
+            self.ctx.to_twin(model, f"NPU failed {breaker.failures} times: {reason}", jobs)
+            await self._unload(model)
+            return True
+        log.warning("NPU call failed (%s): re-initialising %s", reason, model.plan.name)
+        await self._unload(model)
+        for job in reversed(jobs):
+            if not job.future.done():
+                model.queue.appendleft(job)
+        return True
+
+    def _retry_or_fail(self, model: ModelState, jobs: list[Job], exc: Exception,
+                       backend_error: str | None = None) -> None:
+        """One retry (on a fresh worker after a crash) while the deadline allows; a
+        request that fails twice gets a clear error."""
+        now = self.ctx.clock.now()
+        expected = model.service_seconds(jobs[0].task, 1) or 0.0
+        for job in reversed(jobs):
+            job.attempts += 1
+            if job.future.done():
+                continue
+            if job.attempts < 2 and now + expected < job.deadline:
+                job.not_before = now + 0.05 * 2 ** job.attempts  # back off a little
+                model.queue.appendleft(job)
+                self.ctx.events["retries"] += 1
+            elif backend_error is not None:
+                job.future.set_exception(BackendFailed(
+                    f"backend failed twice on this request: {backend_error}"))
+            else:
+                job.future.set_exception(BackendFailed(
+                    f"model worker crashed twice on this request ({exc}); it was restarted"))
+
+
+def retarget(req: wp.Request, model_id: str) -> wp.Request:
+    """The same request for another model (the CPU twin)."""
+    return dataclasses.replace(req, model_id=model_id)  # type: ignore[type-var]
+
+
+def merge(jobs: list[Job]) -> wp.Request:
+    """One backend call for a batch: texts concatenated, expansions side by side."""
+    if len(jobs) == 1:
+        return jobs[0].request
+    first = jobs[0].request
+    if isinstance(first, wp.Expand):
+        return wp.ExpandMany(first.model_id, tuple(j.request for j in jobs))  # type: ignore[misc]
+    assert isinstance(first, wp.Embed)
+    texts: list[str] = []
+    for job in jobs:
+        assert isinstance(job.request, wp.Embed)
+        texts.extend(job.request.texts)
+    return wp.Embed(first.model_id, tuple(texts))
+
+
+def deliver(jobs: list[Job], reply: wp.Reply) -> None:
+    """Each job of a batch gets its own share of the reply."""
+    if isinstance(reply, wp.Vectors) and len(jobs) > 1:
+        rows = reply.rows()
+        pos = 0
+        for job in jobs:
+            n = job.items
+            settle(job, wp.Vectors(rows.slice(pos, pos + n).data, reply.dim,
+                                   reply.truncated[pos:pos + n],
+                                   reply.tokens * n // max(1, len(rows)), reply.seconds))
+            pos += n
+    elif isinstance(reply, wp.LinesMany):
+        for job, lines in zip(jobs, reply.items, strict=True):
+            settle(job, lines)
+    else:
+        for job in jobs:
+            settle(job, reply)
+
+
+FAILURE_KINDS: dict[str, type[SchedulerError]] = {
+    "bad_request": BadRequest, "unavailable": ModelUnavailable}
+
+
+def settle(job: Job, reply: wp.Reply) -> None:
+    if job.future.done():
+        return
+    if isinstance(reply, wp.Failure):
+        job.future.set_exception(FAILURE_KINDS.get(reply.kind, BackendFailed)(reply.error))
+    else:
+        job.future.set_result(reply)

@@ -1,0 +1,170 @@
+"""Messages between the daemon and a model worker process.
+
+Small frozen dataclasses pickled over a socket pair (multiprocessing.connection
+framing). Vectors cross as packed float32 bytes (one buffer per batch), never as lists
+of Python floats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from npuserve.daemon.models.vector_rows import VectorRows
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build one backend: which implementation, which file, which options.
+
+    `kind` names an entry of the worker's backend registry; the scheduler only
+    knows kinds, never the libraries behind them.
+    """
+
+    model_id: str
+    kind: str
+    path: str
+    n_ctx: int
+    threads: int
+    options: tuple[tuple[str, object], ...] = ()
+
+    def option(self, name: str, default: object = None) -> object:
+        return dict(self.options).get(name, default)
+
+
+# --- requests -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Load:
+    spec: ModelSpec
+
+
+@dataclass(frozen=True)
+class Unload:
+    model_id: str
+
+
+@dataclass(frozen=True)
+class Embed:
+    model_id: str
+    texts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Rerank:
+    model_id: str
+    query: str
+    documents: tuple[str, ...]
+    instruction: str
+
+
+@dataclass(frozen=True)
+class Expand:
+    model_id: str
+    query: str
+    intent: str | None
+    include_lexical: bool
+
+
+@dataclass(frozen=True)
+class ExpandMany:
+    """Expansions of several requests, generated side by side."""
+
+    model_id: str
+    requests: tuple[Expand, ...]
+
+
+@dataclass(frozen=True)
+class CountTokens:
+    spec: ModelSpec  # the tokenizer alone is used; the model need not be loaded
+    texts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Stats:
+    pass
+
+
+Request = Load | Unload | Embed | Rerank | Expand | ExpandMany | CountTokens | Stats
+
+# --- replies --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Loaded:
+    model_id: str
+    name: str
+    dim: int | None
+    n_ctx: int
+    seconds: float
+    rss_before: int
+    rss_after: int
+
+
+@dataclass(frozen=True)
+class Unloaded:
+    model_id: str
+    rss_before: int
+    rss_after: int
+
+
+@dataclass(frozen=True)
+class Vectors:
+    data: bytes  # float32, row-major (n, dim)
+    dim: int
+    truncated: tuple[bool, ...]
+    tokens: int
+    seconds: float
+
+    @classmethod
+    def pack(
+        cls, vectors: VectorRows, truncated: list[bool], tokens: int, seconds: float
+    ) -> Vectors:
+        return cls(vectors.data, vectors.dim, tuple(truncated), tokens, seconds)
+
+    def rows(self) -> VectorRows:
+        return VectorRows(self.data, self.dim)
+
+
+@dataclass(frozen=True)
+class Scores:
+    scores: tuple[float, ...]
+    truncated: tuple[bool, ...]
+    tokens: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Lines:
+    lines: tuple[tuple[str, str], ...]
+    tokens: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class LinesMany:
+    items: tuple[Lines, ...]  # one per request of ExpandMany, in order
+
+
+@dataclass(frozen=True)
+class TokenCounts:
+    counts: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    pid: int
+    rss: int
+    loaded: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A request failed inside the worker; the worker itself is still healthy."""
+
+    error: str
+    kind: str = "backend"  # backend | bad_request | not_loaded | unavailable
+
+
+Reply = (Loaded | Unloaded | Vectors | Scores | Lines | LinesMany | TokenCounts | WorkerStats
+         | Failure)

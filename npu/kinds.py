@@ -1,0 +1,40 @@
+"""Descriptors of the NPU backend kinds (see daemon/models/backend_kind.py). Light on
+purpose: the daemon imports this, only the worker imports the runtimes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from npuserve.daemon.models.backend_kind import BackendKind
+from npuserve.daemon.worker.protocol import ModelSpec
+from npuserve.npu.model_dir import ManifestError, is_model_dir, load_manifest
+
+
+def graph_files(spec: ModelSpec) -> list[str]:
+    """The graphs the runtime runs: the .rknn files on a board, the ONNX twins on the
+    reference runtime."""
+    try:
+        model = load_manifest(Path(spec.path))
+    except ManifestError:
+        return []  # the load will say what is wrong
+    reference = spec.option("npu_runtime") == "reference"
+    return [str(model.root / (b.onnx if reference else b.rknn)) for b in model.buckets]
+
+
+def graph_memory(spec: ModelSpec) -> int:
+    """Every RKNNLite context holds its own copy of each graph: files x cores."""
+    cores = int(spec.option("npu_cores", 3))  # type: ignore[call-overload]
+    sizes = [Path(f).stat().st_size for f in graph_files(spec) if Path(f).is_file()]
+    return sum(sizes) * cores
+
+
+RKNN_EMBED = BackendKind(
+    name="rknn_embed", device="npu", tasks=frozenset({"embed"}),
+    target="npuserve.npu.embed_backend:NpuEmbedBackend",
+    recognises=is_model_dir, weight_files=graph_files, memory_estimate=graph_memory,
+)
+RKNN_RERANK = BackendKind(
+    name="rknn_rerank", device="npu", tasks=frozenset({"rerank"}),
+    target="npuserve.npu.rerank_backend:NpuRerankBackend",
+    recognises=is_model_dir, weight_files=graph_files, memory_estimate=graph_memory,
+)
