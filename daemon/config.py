@@ -59,6 +59,16 @@ _SERVER: dict[str, Key] = {
                         " (408 after)", minimum=0.1),
     "preload": Key(str, "", "tasks whose models load before the service reports ready,"
                    " comma-separated, e.g. \"embed\" (empty: load on first use)"),
+    "max_connections": Key(int, 512, "most open client connections (also kept below the"
+                           " descriptor limit); at the cap the longest-idle one is closed for a"
+                           " new one, or, all busy, the new one gets 503", minimum=8),
+    "idle_timeout": Key(float, 15.0, "seconds an idle connection (or one whose request headers"
+                        " never complete) stays open", minimum=1.0),
+    "cors_origins": Key(list, [], "web origins allowed to call the API from a browser, e.g."
+                        " [\"https://notes.example\"] (empty: none; any other Origin gets 403)"),
+    "allowed_hosts": Key(list, [], "Host names the daemon answers to besides its own (localhost,"
+                         " its host name, <host>.local, any IP address); others get 421, which"
+                         " stops DNS rebinding"),
 }
 _SCHEDULER: dict[str, Key] = {
     "policy": Key(
@@ -191,6 +201,8 @@ def _coerce(path: str, key: Key, value: Any, from_text: bool) -> Any:
         value = float(value)
     if type(value) is not key.type:
         raise ConfigError(f"{path}: expected {key.type.__name__}, got {type(value).__name__}")
+    if isinstance(value, list) and not all(isinstance(item, str) for item in value):
+        raise ConfigError(f"{path}: expected a list of strings")
     if key.choices and value not in key.choices:
         raise ConfigError(f"{path}: must be one of {', '.join(key.choices)}, got {value!r}")
     if key.minimum is not None and value < key.minimum:
@@ -206,6 +218,8 @@ def _parse_text(path: str, key: Key, text: str) -> Any:
             if text.lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError(text)
+        if key.type is list:  # NPUSERVE_SERVER_CORS_ORIGINS="https://a,https://b"
+            return [item.strip() for item in text.split(",") if item.strip()]
         return key.type(text)
     except ValueError:
         raise ConfigError(f"{path}: cannot read {text!r} as {key.type.__name__}") from None
@@ -308,6 +322,10 @@ class ServerSettings:
     shutdown_timeout: float
     body_timeout: float
     preload: tuple[str, ...]
+    max_connections: int = 512
+    idle_timeout: float = 15.0
+    cors_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
 
     @classmethod
     def from_values(cls, v: Mapping[str, Any]) -> ServerSettings:
@@ -318,7 +336,11 @@ class ServerSettings:
             max_batch=v["server.max_batch"], max_text_chars=v["server.max_text_chars"],
             shutdown_timeout=v["server.shutdown_timeout"],
             body_timeout=v["server.body_timeout"],
-            preload=tuple(preload_tasks(v["server.preload"])))
+            preload=tuple(preload_tasks(v["server.preload"])),
+            max_connections=v["server.max_connections"],
+            idle_timeout=v["server.idle_timeout"],
+            cors_origins=tuple(v["server.cors_origins"]),
+            allowed_hosts=tuple(v["server.allowed_hosts"]))
 
 
 @dataclass(frozen=True)
@@ -420,6 +442,8 @@ def _toml_string(value: str) -> str:
 def _toml_value(value: Any) -> str:
     if isinstance(value, str):
         return _toml_string(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return str(value).lower()
     return repr(value)

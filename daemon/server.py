@@ -11,6 +11,7 @@ from aiohttp import web
 
 from npuserve.daemon.config import Config, ConfigError, is_loopback
 from npuserve.daemon.http.app import build_app
+from npuserve.daemon.http.connections import CappedSite
 from npuserve.daemon.http.services import SERVICES
 from npuserve.daemon.http.validation import Limits
 from npuserve.daemon.mdns import Advertiser
@@ -143,10 +144,13 @@ async def run_server(cfg: Config, load: Callable[[], Config] | None = None) -> i
             " Set server.api_key (or NPUSERVE_SERVER_API_KEY). !!!", host)
     # handler_cancellation: a client that disconnects cancels its handler, so
     # its queued work is dropped instead of computed for nobody.
+    # keepalive_timeout: aiohttp's timer runs from the connection's start, so it also
+    # closes a connection whose request headers never complete (connections.py).
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                           shutdown_timeout=cfg.server.shutdown_timeout)
+                           shutdown_timeout=cfg.server.shutdown_timeout,
+                           keepalive_timeout=cfg.server.idle_timeout)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = CappedSite(runner, host, port, max_connections=cfg.server.max_connections)
     await site.start()
     actual_port = runner.addresses[0][1] if runner.addresses else port
     log.info("npuserve listening on http://%s:%d (state %s)", host, actual_port, cfg.state_dir)

@@ -32,6 +32,7 @@ from npuserve.daemon.models.qmd_conventions import (
     parse_expansion,
     split_rerank_template,
 )
+from npuserve.daemon.worker import cancel
 from npuserve.daemon.worker.protocol import ModelSpec
 
 from .llama_common import thread_count
@@ -215,7 +216,8 @@ class LlamaGenerativeBackend(LlamaSession, Backend):
 
     # --- rerank ---------------------------------------------------------
 
-    def rerank(self, query: str, documents: list[str], instruction: str) -> RerankOutput:
+    def rerank(self, query: str, documents: list[str], instruction: str,
+               max_doc_tokens: int = 0) -> RerankOutput:
         if self.model is None:
             raise BackendError("rerank model is not loaded")
         template = str(self.spec.option("template", DEFAULT_RERANK_TEMPLATE))
@@ -228,6 +230,8 @@ class LlamaGenerativeBackend(LlamaSession, Backend):
                 f"query is too long for the rerank context ({len(prefix)} prompt tokens,"
                 f" context {self.n_ctx})"
             )
+        if max_doc_tokens:
+            budget = max(MIN_DOC_TOKENS, min(budget, max_doc_tokens))
         # The prefix (system, instruction, query) is evaluated once; each document then
         # only evaluates its own tokens on top of that KV cache (scores identical).
         self._open_context(1, self._flash("rerank"))
@@ -239,6 +243,7 @@ class LlamaGenerativeBackend(LlamaSession, Backend):
         truncated: list[bool] = []
         total = len(prefix)
         for doc in documents:
+            cancel.check()  # between documents: a client that left stops the rest
             toks = self._tokenize(doc)
             truncated.append(len(toks) > budget)
             toks = toks[:budget] + suffix
@@ -308,6 +313,7 @@ class LlamaGenerativeBackend(LlamaSession, Backend):
                 seq.logits_at = s_id
             vocab = self.model.vocab
             while True:
+                cancel.check()  # between generated tokens
                 step: list[tuple[int, int, int, bool]] = []
                 for s_id, seq in enumerate(seqs):
                     if seq.done:

@@ -83,7 +83,9 @@ class OllamaBackend(Backend):
         return EmbedOutput(VectorRows.from_rows(rows, len(rows[0]) if rows else 1),
                            [False] * len(texts), int(out.get("prompt_eval_count", 0)))
 
-    def rerank(self, query: str, documents: list[str], instruction: str) -> RerankOutput:
+    def rerank(self, query: str, documents: list[str], instruction: str,
+               max_doc_tokens: int = 0) -> RerankOutput:
+        # The remote server truncates by its own context; a cap is the scheduler's hint.
         out = self._post("/api/rerank", {"model": self.model, "query": query,
                                           "documents": documents})
         scores = [0.0] * len(documents)

@@ -30,7 +30,8 @@ class NpuRerankBackend(NpuModelBackend):
     def count_tokens(self, text: str) -> int:
         return len(self._encode(text))
 
-    def rerank(self, query: str, documents: list[str], instruction: str) -> RerankOutput:
+    def rerank(self, query: str, documents: list[str], instruction: str,
+               max_doc_tokens: int = 0) -> RerankOutput:
         model = self._manifest()
         template = str(self.spec.option("template", DEFAULT_RERANK_TEMPLATE))
         prefix_text, suffix_text = split_rerank_template(template, instruction, query)
@@ -40,6 +41,8 @@ class NpuRerankBackend(NpuModelBackend):
         if budget < MIN_DOC_TOKENS:
             raise ValueError(f"query is too long for the rerank model's largest bucket"
                              f" ({len(prefix)} prompt tokens, {model.buckets[-1].seq_len})")
+        if max_doc_tokens:
+            budget = max(MIN_DOC_TOKENS, min(budget, max_doc_tokens))
         jobs: list[tuple[list[int], Bucket]] = []
         truncated: list[bool] = []
         for doc in documents:

@@ -101,9 +101,16 @@ def free_port() -> int:
 
 
 def start_daemon(state_dir: Path, *args: str, env: dict[str, str] | None = None,
-                 log: Path | None = None) -> tuple[subprocess.Popen[str], int]:
+                 log: Path | None = None, nofile: int | None = None
+                 ) -> tuple[subprocess.Popen[str], int]:
     """`npuserve serve` on a free port; output to a pipe, or appended to `log` (long runs
-    would fill a pipe nobody reads)."""
+    would fill a pipe nobody reads); `nofile`: its descriptor limit (ulimit -n)."""
+    import resource
+
+    def limit() -> None:
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
     port = free_port()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("NPUSERVE_")}
     full_env.update(env or {})
@@ -111,7 +118,7 @@ def start_daemon(state_dir: Path, *args: str, env: dict[str, str] | None = None,
         [sys.executable, "-m", "npuserve.daemon.cli", "serve", "--state-dir", str(state_dir),
          "--port", str(port), *args],
         env=full_env, stdout=open(log, "a") if log else subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
+        stderr=subprocess.STDOUT, text=True, preexec_fn=limit if nofile else None,
     )
     return proc, port
 

@@ -6,6 +6,8 @@ import pytest
 
 from npuserve.daemon.http.services import SERVICES
 
+JSON = {"Content-Type": "application/json"}
+
 
 async def _error(resp, status: int) -> str:
     assert resp.status == status, await resp.text()
@@ -36,13 +38,13 @@ async def test_malformed_json_is_400(client, raw):
 
 
 async def test_invalid_utf8_is_400(client):
-    resp = await client.post("/embed", data=b'{"text": "\xff\xfe"}')
+    resp = await client.post("/embed", data=b'{"text": "\xff\xfe"}', headers=JSON)
     assert "UTF-8" in await _error(resp, 400)
 
 
 async def test_body_over_limit_is_json_413(make_client):
     client = await make_client(server__max_body_mb="0.01")
-    resp = await client.post("/embed", data=b'{"text": "' + b"a" * 20000 + b'"}')
+    resp = await client.post("/embed", data=b'{"text": "' + b"a" * 20000 + b'"}', headers=JSON)
     assert "too large" in await _error(resp, 413)
 
 

@@ -34,7 +34,8 @@ def test_serve_answers_health_with_three_models_and_stops_on_sigterm(state_dir: 
         assert body["ok"] is True
         assert set(body["models"]) == {"embed", "rerank", "generate"}
         req = urllib.request.Request(f"http://127.0.0.1:{port}/embed",
-                                     data=json.dumps({"text": "hi"}).encode(), method="POST")
+                                     data=json.dumps({"text": "hi"}).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req) as resp:
             assert len(json.load(resp)["embedding"]) == 384
     finally:

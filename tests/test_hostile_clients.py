@@ -32,7 +32,7 @@ async def _raw(port: int, data: bytes, read_timeout: float = 30) -> tuple[int, d
 
 
 def _request(path: str, body: bytes, extra: str = "") -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n{extra}\r\n").encode() + body
 
 
@@ -68,7 +68,7 @@ async def test_hostile_clients(daemon):
 
     # A body that trickles in: answered 408 after server.body_timeout, not held forever.
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+    writer.write(b"POST /embed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{")
     await writer.drain()
     answer = await asyncio.wait_for(reader.read(), 15)
     writer.close()
@@ -90,7 +90,7 @@ async def test_hostile_clients(daemon):
     idle = []
     for _ in range(200):
         r, w = await asyncio.open_connection("127.0.0.1", port)
-        w.write(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        w.write(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
         idle.append(w)
     await asyncio.sleep(0.5)
     serves = await _still_serves(port)
@@ -101,8 +101,9 @@ async def test_hostile_clients(daemon):
 
     # Wrong method, unknown path, invalid UTF-8, NaN, deep nesting: JSON errors.
     for name, data, want in [
-        ("wrong method", b"DELETE /embed HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 405),
-        ("unknown path", b"GET /../../etc/passwd HTTP/1.1\r\nHost: x\r\nConnection: close"
+        ("wrong method", b"DELETE /embed HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close"
+                         b"\r\n\r\n", 405),
+        ("unknown path", b"GET /../../etc/passwd HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close"
                          b"\r\n\r\n", 404),
         ("invalid UTF-8", _request("/embed", b'{"text": "\xff\xfe"}'), 400),
         ("NaN", _request("/v1/embeddings", b'{"input": "a", "dimensions": NaN}'), 400),

@@ -218,7 +218,8 @@ async def test_failed_batch_leaves_index_as_it_was(client):
 
 async def test_non_utf8_document_body_is_400(client):
     await client.post("/collections", json={"name": "c"})
-    resp = await client.put("/collections/c/documents/a.md", data=b'{"body": "\xff"}')
+    resp = await client.put("/collections/c/documents/a.md", data=b'{"body": "\xff"}',
+                            headers={"Content-Type": "application/json"})
     assert resp.status == 400 and "UTF-8" in (await resp.json())["error"]
 
 

@@ -111,8 +111,10 @@ async def test_overload_is_503_with_retry_after_from_calibration(make_client):
     assert resp.status == 503
     body = await resp.json()
     assert "exceeds" in body["error"]
-    per_item = sched.snapshot().tasks["embed"].serving.seconds_per_item["embed"]
-    expected = per_item * 512
+    # The refusal comes from the request's own tokens: 512 passages' worth.
+    per_token = sched.snapshot().tasks["embed"].serving.seconds_per_token["embed"]
+    tokens = 512 * len(PASSAGE) * 0.5  # at most a token per two characters of English
+    expected = per_token * tokens
     retry_after = int(resp.headers["Retry-After"])
     assert 1 <= retry_after <= expected + 1, (retry_after, expected)
     assert sched.snapshot().events.get("backend_calls", 0) == calls, (
@@ -133,7 +135,7 @@ async def test_calibration_persists_across_restarts(make_client, state_dir):
     data = json.loads((state_dir / "calibration.json").read_text())
     mid = _sched(first).task_model["embed"]
     assert data["models"][mid]["load_seconds"] > 0
-    assert data["models"][f"{mid}/embed"]["sec_per_item"] > 0
+    assert len(data["models"][f"{mid}/embed"]["rates"]) >= 1  # seconds per token, measured
     # A new daemon knows the costs before loading anything: it can refuse at once.
     second = await make_client(scheduler__request_timeout="1")
     resp = await second.post("/embed-batch", json={"texts": [PASSAGE] * 512})

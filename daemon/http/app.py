@@ -6,6 +6,7 @@ talks to worker processes; only workers import model libraries.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -15,15 +16,21 @@ from aiohttp import web
 
 from npuserve.daemon.config import Config
 from npuserve.daemon.errors import ApiError
+from npuserve.daemon.http import quiet
+from npuserve.daemon.http.browsers import BrowserGuard
 from npuserve.daemon.http.metrics import Registry
 from npuserve.daemon.http.services import SERVICES, Services, json_error, services
 from npuserve.daemon.http.validation import BODY_TIMEOUT, Limits
 from npuserve.daemon.sched.scheduler import Scheduler
 
 log = logging.getLogger("npuserve.http")
-PUBLIC_PATHS = frozenset({"/health", "/openapi.json"})
+# Only /health answers without the key (load balancers, QMD's probe); the API description
+# is part of the API.
+PUBLIC_PATHS = frozenset({"/health"})
 DRAIN_ALLOWED = frozenset({"/health", "/metrics"})  # health says "shutting down" itself
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+CLIENT_GONE = 499  # nginx's "client closed request"; never sent, only counted
+gone = quiet.Throttled(log)
 
 
 def _route_label(request: web.Request) -> str:
@@ -39,6 +46,9 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         response = await handler(request)
         status = response.status
         return response
+    except (asyncio.CancelledError, ConnectionError):
+        status = CLIENT_GONE  # the client left: not a server error
+        raise
     finally:
         route = _route_label(request)
         reg = services(request).metrics
@@ -69,6 +79,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         return json_error(exc.status, exc.reason or "error")
+    except ConnectionError as exc:  # the client went away mid-body: nothing to answer
+        gone.warn(type(exc).__name__, "client left during %s %s: %s", request.method,
+                  request.path, exc)
+        return json_error(CLIENT_GONE, "client closed the request")
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return json_error(500, "internal server error")
@@ -90,26 +104,16 @@ async def drain_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 @web.middleware
-async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.method == "OPTIONS":
-        response: web.StreamResponse = web.Response(status=204)
-    else:
-        response = await handler(request)
-    response.headers["Access-Control-Allow-Origin"] = "*"
-    response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
-    response.headers["Access-Control-Allow-Methods"] = "GET, POST, PUT, DELETE, OPTIONS"
-    return response
-
-
-@web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     key = services(request).cfg.server.api_key
     if key and request.path not in PUBLIC_PATHS:
         given = request.headers.get("Authorization", "")
         scheme, _, token = given.partition(" ")
         # compare_digest: the time taken does not reveal how much of the key matched.
-        ok = scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
-                                                                 key.encode())
+        # Header bytes that are not UTF-8 arrive as surrogate escapes: compared as the
+        # bytes they were, they simply do not match (401), instead of failing to encode.
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode("utf-8", "surrogateescape"), key.encode())
         if not ok:
             return json_error(401, "missing or wrong API key (Authorization: Bearer <key>)",
                               {"WWW-Authenticate": 'Bearer realm="npuserve"'})
@@ -143,9 +147,11 @@ def build_app(cfg: Config, scheduler: Scheduler) -> web.Application:
 
     server = cfg.server
     max_body = server.max_body_bytes
+    guard = BrowserGuard(server.host, server.cors_origins, server.allowed_hosts)
+    quiet.install()
     app = web.Application(
         client_max_size=max_body,
-        middlewares=[metrics_middleware, cors_middleware, error_middleware, drain_middleware,
+        middlewares=[metrics_middleware, guard.middleware, error_middleware, drain_middleware,
                      auth_middleware],
     )
     app[BODY_TIMEOUT] = server.body_timeout

@@ -31,7 +31,7 @@ def model_view(m: ModelView) -> dict[str, Any]:
             "load_seconds": m.load_seconds,
             "load_seconds_max": m.load_seconds_max,
             "footprint_bytes": m.footprint_bytes,
-            "seconds_per_item": dict(m.seconds_per_item),
+            "seconds_per_token": dict(m.seconds_per_token),
             "samples": dict(m.samples),
         },
     }

@@ -84,8 +84,8 @@ def _gauges(snap: SchedulerSnapshot, svc: Services) -> list[Sample]:
                     " policy plans it (the most seen, else its backend's estimate)", lb,
                     m.footprint_bytes))
     for m, lb in per_model:
-        for task, cost in m.seconds_per_item.items():
-            out.append(("npuserve_model_seconds_per_item", "calibrated cost per item",
+        for task, cost in m.seconds_per_token.items():
+            out.append(("npuserve_model_seconds_per_token", "calibrated cost per token",
                         lb + (("task", task),), cost or 0.0))
     for m, lb in per_model:
         if m.has_twin:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from npuserve.daemon.errors import InvalidRequest
 
@@ -28,6 +30,20 @@ class BodyTimeout(InvalidRequest):
     status = 408
 
 
+class NotJson(InvalidRequest):
+    status = 415
+
+
+def check_json_type(request: web.Request) -> None:
+    """Only application/json (or a +json type) bodies: a web page can send text/plain or
+    a form cross-origin without asking first, but not JSON (browsers.py)."""
+    ctype = request.content_type  # aiohttp: application/octet-stream when absent
+    if ctype == "application/json" or (ctype.startswith("application/") and
+                                       ctype.endswith("+json")):
+        return
+    raise NotJson(f"send the body as JSON with Content-Type: application/json (got {ctype})")
+
+
 BODY_TIMEOUT = web.AppKey("body_timeout", float)
 
 
@@ -35,6 +51,7 @@ async def read_json(request: web.Request) -> Any:
     """The body as JSON. Malformed JSON, bad UTF-8, NaN/Infinity and absurd
     nesting are 400s; an oversize body is aiohttp's 413, turned into JSON by
     the error middleware."""
+    check_json_type(request)
     timeout = request.app[BODY_TIMEOUT] if BODY_TIMEOUT in request.app else None
     try:
         # A client that trickles its body (slowloris) must not hold a handler forever.
@@ -42,6 +59,10 @@ async def read_json(request: web.Request) -> Any:
     except TimeoutError:
         raise BodyTimeout(f"request body not received within {timeout:g}s"
                           " (server.body_timeout)") from None
+    except (HttpProcessingError, RequestPayloadError) as exc:
+        # e.g. Content-Encoding: gzip on a body that is not gzip
+        detail = getattr(exc, "message", "") or str(exc)
+        raise InvalidRequest(f"request body could not be decoded: {detail.strip()}") from None
     if not raw.strip():
         raise InvalidRequest("request body must be a JSON object")
     try:
@@ -49,12 +70,37 @@ async def read_json(request: web.Request) -> Any:
     except UnicodeDecodeError as exc:
         raise InvalidRequest(f"request body is not valid UTF-8 (byte {exc.start})") from None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        body = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         where = f"line {exc.lineno} column {exc.colno}"
         raise InvalidRequest(f"invalid JSON: {exc.msg} at {where}") from None
     except RecursionError:
         raise InvalidRequest("invalid JSON: nested too deeply") from None
+    except ValueError as exc:  # an integer of thousands of digits (int_max_str_digits)
+        raise InvalidRequest(f"invalid JSON: {exc}") from None
+    check_unicode(body)
+    return body
+
+
+def check_unicode(value: Any, path: str = "") -> None:
+    """Refuse lone surrogates (JSON's "\\ud800" escapes decode to them): no UTF-8 has
+    them, so tokenizers and the index could not take the text. The error names the field."""
+    if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                where = path or "the request body"
+                raise InvalidRequest(
+                    f"{where} contains a lone surrogate (U+{ord(value[exc.start]):04X}) at"
+                    f" character {exc.start}: send valid Unicode") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_unicode(key, f"{path}.{key!r} (a key)" if path else f"{key!r} (a key)")
+            check_unicode(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_unicode(item, f"{path}[{i}]")
 
 
 async def read_object(request: web.Request) -> dict[str, Any]:

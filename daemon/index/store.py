@@ -21,7 +21,7 @@ from npuserve.daemon.errors import IndexError_
 from npuserve.daemon.index.db import IndexDB
 from npuserve.daemon.models.vector_rows import VectorRows, le_bytes
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # whole name: fullmatch
 MAX_PATH = 1024
 
 
@@ -30,7 +30,8 @@ def now_iso() -> str:
 
 
 def check_collection_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    # fullmatch: "$" would also match before a trailing newline ("adv\n" was accepted).
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise IndexError_("collection name must be 1-64 characters of letters, digits,"
                           " '.', '_' or '-', starting with a letter or digit")
     return name

@@ -74,7 +74,10 @@ class Backend(abc.ABC):
     def embed(self, texts: list[str]) -> EmbedOutput:
         raise BackendError(f"{type(self).__name__} cannot embed")
 
-    def rerank(self, query: str, documents: list[str], instruction: str) -> RerankOutput:
+    def rerank(self, query: str, documents: list[str], instruction: str,
+               max_doc_tokens: int = 0) -> RerankOutput:
+        """P(yes) per document; a document keeps at most `max_doc_tokens` tokens (0: what
+        the context takes) and says so in `truncated`."""
         raise BackendError(f"{type(self).__name__} cannot rerank")
 
     def expand(self, query: str, intent: str | None, include_lexical: bool) -> ExpandOutput:

@@ -36,14 +36,16 @@ def run_allowance(model: ModelState, jobs: list[Job], now: float) -> float:
     Work already running is not abandoned at the request deadline (its result is still
     useful to the caller); only a call far beyond its measured cost is treated as a hang.
     """
-    items = sum(j.items for j in jobs)
-    expected = model.service_seconds(jobs[0].task, items)
+    tokens = sum(j.tokens for j in jobs)
+    expected = model.service_seconds(jobs[0].task, tokens)
     if model.breaker is not None and expected is not None:
         # An NPU call that "failed to submit" never returns: past ten times its
         # calibrated cost the worker is killed and the work retried or moved.
         return max(NPU_HANG_FLOOR, 10.0 * expected)
+    # Its own tokens: a long document's call gets a long allowance (a 95,000-character
+    # document was killed mid-call when the allowance came from a per-document average).
     remaining = max(j.deadline for j in jobs) - now
-    return max(remaining, 30.0 + 10.0 * (expected or float(items)))
+    return max(remaining, 30.0 + 10.0 * (expected if expected is not None else tokens))
 
 
 def deadline_for(settings: SchedulerSettings, expected: float | None, cold: bool) -> float:

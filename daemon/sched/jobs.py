@@ -27,3 +27,5 @@ class Job:
     timing: Timing = field(default_factory=Timing)
     attempts: int = 0
     not_before: float = 0.0
+    tokens: float = 0.0  # estimated before it runs: what admission and allowances count
+    chars: int = 0  # of its input text, to calibrate the token estimate

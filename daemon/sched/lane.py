@@ -31,6 +31,7 @@ from npuserve.daemon.sched.calibration import CalibrationStore
 from npuserve.daemon.sched.jobs import Job
 from npuserve.daemon.sched.model import ModelState
 from npuserve.daemon.sched.policy import (
+    Decision,
     Idle,
     LaneView,
     Load,
@@ -81,6 +82,8 @@ class Worker(Protocol):
 
     async def stop(self) -> None: ...
 
+    def interrupt(self) -> None: ...
+
     def kill_now(self) -> None: ...
 
 
@@ -116,6 +119,7 @@ class Lane:
         self.serving: str | None = None  # the model served last
         self.batch_ended: float | None = None  # when it last answered, until one decision
         self.prefetcher = Prefetcher()
+        self.running: list[Job] = []  # the batch in the worker now
         self.swaps = 0
         self.recycles = 0
         self.crashes = 0
@@ -158,42 +162,61 @@ class Lane:
     # --- the loop -----------------------------------------------------------------------
 
     async def run(self) -> None:
+        """The lane's loop. A bug in one step fails that step's requests with a clear error
+        and the loop goes on: a dead loop would leave every later request waiting."""
         while True:
-            self.wake.clear()
-            await self._serve_control()
-            await self._serve_light()
-            now = self.ctx.clock.now()
-            self._drop_dead(now)
-            decision = self.ctx.policy.decide(self.view(now), now)
-            if isinstance(decision, Serve | Load | Reject | Wait):
-                self.batch_ended = None  # one wait per batch: the decision after it is final
-            if isinstance(decision, Idle):
-                if self.ctx.stopping and not self._busy():
+            try:
+                if await self._step():
                     return
-                await self._sleep(decision.timeout)
-            elif isinstance(decision, Wait):
-                await self.ctx.clock.sleep(decision.seconds)
-            elif isinstance(decision, Unload):
-                for mid in decision.model_ids:
-                    await self._unload(self.models[mid])
-            elif isinstance(decision, Probe):
-                await self._probe(self.models[decision.model_id], decision.evict)
-            elif isinstance(decision, Reject):
-                model = self.models[decision.model_id]
-                self.fail_queue(model, ModelUnavailable(
-                    f"model {model.plan.name} cannot load: {model.backoff.error}",
-                    retry_after=decision.retry_after))
-            elif isinstance(decision, Load):
-                model = self.models[decision.model_id]
-                error = await self._load(model, decision.evict)
-                if error is not None:
-                    self._load_failed(model, error)
-                else:
-                    await self._visit(model)
+            except Exception as exc:
+                log.exception("%s lane: a scheduling step failed", self.device)
+                self.ctx.events["lane_errors"] += 1
+                for job in self.running:
+                    if not job.future.done():
+                        job.future.set_exception(BackendFailed(f"internal error: {exc}"))
+            self.running = []
+
+    async def _step(self) -> bool:
+        """One decision, carried out; True when the lane is to stop."""
+        self.wake.clear()
+        await self._serve_control()
+        await self._serve_light()
+        now = self.ctx.clock.now()
+        self._drop_dead(now)
+        decision = self.ctx.policy.decide(self.view(now), now)
+        if isinstance(decision, Serve | Load | Reject | Wait):
+            self.batch_ended = None  # one wait per batch: the decision after it is final
+        return await self._carry_out(decision)
+
+    async def _carry_out(self, decision: Decision) -> bool:
+        if isinstance(decision, Idle):
+            if self.ctx.stopping and not self._busy():
+                return True
+            await self._sleep(decision.timeout)
+        elif isinstance(decision, Wait):
+            await self.ctx.clock.sleep(decision.seconds)
+        elif isinstance(decision, Unload):
+            for mid in decision.model_ids:
+                await self._unload(self.models[mid])
+        elif isinstance(decision, Probe):
+            await self._probe(self.models[decision.model_id], decision.evict)
+        elif isinstance(decision, Reject):
+            model = self.models[decision.model_id]
+            self.fail_queue(model, ModelUnavailable(
+                f"model {model.plan.name} cannot load: {model.backoff.error}",
+                retry_after=decision.retry_after))
+        elif isinstance(decision, Load):
+            model = self.models[decision.model_id]
+            error = await self._load(model, decision.evict)
+            if error is not None:
+                self._load_failed(model, error)
             else:
-                model = self.models[decision.model_id]
-                self._touch(model)
                 await self._visit(model)
+        else:
+            model = self.models[decision.model_id]
+            self._touch(model)
+            await self._visit(model)
+        return False
 
     async def _sleep(self, timeout: float | None) -> None:
         try:
@@ -295,7 +318,7 @@ class Lane:
             return reply.error
         assert isinstance(reply, wp.Loaded)
         self._loaded(model, reply)
-        if any(c.sec_per_item is None for c in model.task_costs.values()):
+        if any(c.sec_per_token is None for c in model.task_costs.values()):
             await self._warm_up(model)
         self.ctx.calibration.save()
         return None
@@ -325,7 +348,7 @@ class Lane:
     async def _warm_up(self, model: ModelState) -> None:
         """First load ever: time one small call so admission has a figure at once."""
         task = next((t for t in ("embed", "rerank") if t in model.plan.tasks), None)
-        if task is None or model.task_costs[task].sec_per_item is not None:
+        if task is None or model.task_costs[task].sec_per_token is not None:
             return  # a generation warm-up would cost more than it tells
         spec = model.plan.spec
         req: wp.Request = (wp.Embed(spec.model_id, ("warm-up " * 16,)) if task == "embed"
@@ -336,8 +359,8 @@ class Lane:
         except (WorkerDied, WorkerTimeout) as exc:
             self._worker_lost(str(exc))
             return
-        if not isinstance(reply, wp.Failure):
-            model.task_costs[task].observe_call(1, self.ctx.clock.now() - start)
+        if isinstance(reply, wp.Vectors | wp.Scores):
+            model.task_costs[task].observe_call(reply.tokens, self.ctx.clock.now() - start)
 
     async def _unload(self, model: ModelState) -> None:
         if model.model_id not in self.resident:
@@ -442,7 +465,7 @@ class Lane:
     async def _run_batch(self, model: ModelState) -> None:
         other_heads = [m.queue[0].enqueued for m in self.models.values()
                        if m is not model and m.queue]
-        jobs = self.ctx.policy.take(model.queue, other_heads)
+        jobs = self.running = self.ctx.policy.take(model.queue, other_heads)
         delay = jobs[0].not_before - self.ctx.clock.now()
         if delay > 0:  # a retry backs off without blocking the event loop
             await self.ctx.clock.sleep(min(delay, 1.0))
@@ -451,6 +474,7 @@ class Lane:
             job.timing.queued = start - job.enqueued - job.timing.load
         self.ctx.events["backend_calls"] += 1
         self.ctx.events["coalesced_requests"] += len(jobs) - 1
+        abandoned = self._interrupt_when_abandoned(jobs)
         try:
             reply = await self.worker.call(merge(jobs),
                                            timeout=costs.run_allowance(model, jobs, start))
@@ -459,22 +483,43 @@ class Lane:
             if not await self._npu_failed(model, jobs, str(exc)):
                 self._retry_or_fail(model, jobs, exc)
             return
+        finally:
+            abandoned.cancel()
         elapsed = self.ctx.clock.now() - start
         model.last_used = self.ctx.clock.now()
+        if isinstance(reply, wp.Failure) and reply.kind == "cancelled":
+            self.ctx.events["cancelled_running"] += 1  # nobody waits: no retry, no figure
+            self.batch_ended = self.ctx.clock.now()
+            return
         if isinstance(reply, wp.Failure) and reply.kind == "backend":
             if not await self._npu_failed(model, jobs, reply.error):
                 self._retry_or_fail(model, jobs, RuntimeError(reply.error), reply.error)
             return
         if model.breaker is not None:
             model.breaker.call_succeeded()
-        self.observe(model, jobs[0].task, sum(j.items for j in jobs), elapsed)
+        if not isinstance(reply, wp.Failure):
+            # Only calls that ran are measured: a refused one (too long for the context)
+            # answers in milliseconds and would make the model look fast.
+            self.observe(model, jobs, reply_tokens(reply), elapsed)
         for job in jobs:
             job.timing.inference = elapsed
         deliver(jobs, reply)
         self.batch_ended = self.ctx.clock.now()  # the replies are out: follow-ups may come
 
-    def observe(self, model: ModelState, task: str, items: int, seconds: float) -> None:
-        model.task_costs[task].observe_call(items, seconds)
+    def _interrupt_when_abandoned(self, jobs: list[Job]) -> asyncio.Task[None]:
+        """Stop the running call once every client of the batch has gone (their futures
+        are cancelled on disconnect); the worker stops between documents or tokens."""
+
+        async def watch() -> None:
+            await asyncio.wait([j.future for j in jobs])
+            if all(j.future.cancelled() for j in jobs):
+                self.worker.interrupt()
+
+        return asyncio.create_task(watch())
+
+    def observe(self, model: ModelState, jobs: list[Job], tokens: int, seconds: float) -> None:
+        model.task_costs[jobs[0].task].observe_call(
+            tokens, seconds, sum(j.chars for j in jobs), len(jobs))
         self.ctx.calibration.note_call()
 
     async def _npu_failed(self, model: ModelState, jobs: list[Job], reason: str) -> bool:
@@ -501,7 +546,7 @@ class Lane:
         """One retry (on a fresh worker after a crash) while the deadline allows; a
         request that fails twice gets a clear error."""
         now = self.ctx.clock.now()
-        expected = model.service_seconds(jobs[0].task, 1) or 0.0
+        expected = model.service_seconds(jobs[0].task, min(j.tokens for j in jobs)) or 0.0
         for job in reversed(jobs):
             job.attempts += 1
             if job.future.done():
@@ -516,6 +561,13 @@ class Lane:
             else:
                 job.future.set_exception(BackendFailed(
                     f"model worker crashed twice on this request ({exc}); it was restarted"))
+
+
+def reply_tokens(reply: wp.Reply) -> int:
+    """Tokens a call evaluated and generated, as its backend counted them."""
+    if isinstance(reply, wp.LinesMany):
+        return sum(item.tokens for item in reply.items)
+    return int(getattr(reply, "tokens", 0))
 
 
 def retarget(req: wp.Request, model_id: str) -> wp.Request:

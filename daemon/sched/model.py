@@ -70,15 +70,15 @@ class ModelState:
     def queued_items(self) -> int:
         return sum(j.items for j in self.queue)
 
-    def service_seconds(self, task: str, items: int) -> float | None:
+    def service_seconds(self, task: str, tokens: float) -> float | None:
         costs = self.task_costs.get(task)
-        return costs.service_seconds(items) if costs else None
+        return costs.service_seconds(tokens) if costs else None
 
     def queued_seconds(self) -> float | None:
         """Calibrated time to run everything queued; None if any task is unmeasured."""
         total = 0.0
         for job in self.queue:
-            cost = self.service_seconds(job.task, job.items)
+            cost = self.service_seconds(job.task, job.tokens)
             if cost is None:
                 return None
             total += cost

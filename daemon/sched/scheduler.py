@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from npuserve.daemon.config import Config
+from npuserve.daemon.config import TASK_CTX_DEFAULT, Config
 from npuserve.daemon.errors import ModelUnavailable, Overloaded, ShuttingDown
 from npuserve.daemon.models.registry import ModelPlan
 from npuserve.daemon.sched import costs
@@ -27,6 +27,7 @@ from npuserve.daemon.sched.memory import mem_available
 from npuserve.daemon.sched.model import ModelState
 from npuserve.daemon.sched.policy import make_policy
 from npuserve.daemon.sched.settings import SchedulerSettings
+from npuserve.daemon.sched.sizing import EXPANSION_TOKENS, FIT_SHARE, Admission, Sizer, Work
 from npuserve.daemon.sched.views import (
     DeviceView,
     EmbedResult,
@@ -165,9 +166,9 @@ class Scheduler:
 
     # --- admission ----------------------------------------------------------------------
 
-    def _expected_wait(self, lane: Lane, model: ModelState, task: str, items: int
-                       ) -> float | None:
-        """Seconds until a new request of `items` would finish; None while uncalibrated."""
+    def _wait_before(self, lane: Lane, model: ModelState) -> float | None:
+        """Seconds of work queued on the lane ahead of a new request for `model` (loads
+        included); None while any of it is uncalibrated."""
         total = 0.0
         for m in lane.models.values():
             if m.queue:
@@ -177,16 +178,14 @@ class Scheduler:
                 total += queued
                 if m.model_id not in lane.resident and m is not model:
                     total += costs.swap_seconds(m)
-        own = model.service_seconds(task, items)
-        if own is None:
-            return None
-        total += own
         if model.model_id not in lane.resident:
             total += costs.swap_seconds(model)
         return total
 
-    def _admit(self, task: str, items: int) -> tuple[ModelState, Lane, float]:
-        """The model to queue on and the request's deadline, or a SchedulerError at once."""
+    def _admit(self, task: str, work: Work) -> Admission:
+        """The model to queue on, the request's token estimate, the cap its documents are
+        cut to (to fit the deadline instead of being refused) and its deadline - or a
+        SchedulerError at once."""
         settings = self.ctx.settings
         if self.ctx.stopping:
             raise ShuttingDown("server is shutting down", retry_after=5)
@@ -197,8 +196,13 @@ class Scheduler:
             raise ModelUnavailable(f"model {model.plan.name} cannot load: {model.backoff.error}",
                                    retry_after=model.backoff.retry_at - now)
         queued = sum(m.queued_items() for m in lane.models.values())
-        expected = self._expected_wait(lane, model, task, items)
-        if queued + items > settings.max_queue:
+        sizer = Sizer(model.task_costs[task], model.plan.spec.n_ctx or TASK_CTX_DEFAULT[task])
+        wait = self._wait_before(lane, model)
+        rate = model.task_costs[task].sec_per_token
+        cap = sizer.fit(work, wait, rate, FIT_SHARE * settings.request_timeout)
+        tokens = sizer.tokens(work, cap)
+        expected = None if wait is None or rate is None else wait + rate * tokens
+        if queued + work.items > settings.max_queue:
             self.ctx.events["rejected_overload"] += 1
             raise Overloaded(f"queue full ({queued} items waiting)",
                              retry_after=expected or 1.0)
@@ -208,16 +212,21 @@ class Scheduler:
                 f"expected completion in {expected:.0f}s exceeds the"
                 f" {settings.request_timeout:.0f}s limit",
                 retry_after=expected - settings.request_timeout)
+        if cap:
+            self.ctx.events["truncated_to_fit"] += 1
         cold = model.costs.load_seconds is None and model.model_id not in lane.resident
-        return model, lane, now + costs.deadline_for(settings, expected, cold)
+        return Admission(model, lane, tokens, cap,
+                         now + costs.deadline_for(settings, expected, cold))
 
-    async def _submit(self, task: str, make: Callable[[str], wp.Request], items: int
+    async def _submit(self, task: str, make: Callable[[str, int], wp.Request], work: Work
                       ) -> tuple[Any, Timing]:
-        model, lane, deadline = self._admit(task, items)
-        job = Job(task, make(model.model_id), items, self.ctx.clock.now(), deadline,
-                  asyncio.get_running_loop().create_future())
-        model.queue.append(job)
-        lane.wake.set()
+        admitted = self._admit(task, work)
+        job = Job(task, make(admitted.model.model_id, admitted.cap), work.items,
+                  self.ctx.clock.now(), admitted.deadline,
+                  asyncio.get_running_loop().create_future(), tokens=admitted.tokens,
+                  chars=work.total_chars)
+        admitted.model.queue.append(job)
+        admitted.lane.wake.set()
         try:
             reply = await job.future
         except asyncio.CancelledError:
@@ -228,8 +237,9 @@ class Scheduler:
     # --- the calls ----------------------------------------------------------------------
 
     async def embed(self, texts: list[str]) -> EmbedResult:
+        work = Work(len(texts), tuple(len(t) for t in texts))
         reply, timing = await self._submit(
-            "embed", lambda mid: wp.Embed(mid, tuple(texts)), len(texts))
+            "embed", lambda mid, _: wp.Embed(mid, tuple(texts)), work)
         assert isinstance(reply, wp.Vectors)
         return EmbedResult(reply.rows(), list(reply.truncated), reply.tokens, timing,
                            self.model_name("embed"))
@@ -239,16 +249,20 @@ class Scheduler:
         if instruction is None:
             instruction = str(self._primary("rerank").plan.spec.option("instruction", ""))
         text = instruction
+        work = Work(len(documents), tuple(len(d) for d in documents),
+                    prefix_chars=len(query) + len(text), cuttable=True)
         reply, timing = await self._submit(
-            "rerank", lambda mid: wp.Rerank(mid, query, tuple(documents), text), len(documents))
+            "rerank", lambda mid, cap: wp.Rerank(mid, query, tuple(documents), text, cap), work)
         assert isinstance(reply, wp.Scores)
         return RerankResult(list(reply.scores), list(reply.truncated), reply.tokens, timing,
                             self.model_name("rerank"))
 
     async def expand(self, query: str, intent: str | None, include_lexical: bool
                      ) -> ExpandResult:
+        work = Work(1, (), prefix_chars=len(query) + len(intent or ""),
+                    generated=EXPANSION_TOKENS)
         reply, timing = await self._submit(
-            "expand", lambda mid: wp.Expand(mid, query, intent, include_lexical), 1)
+            "expand", lambda mid, _: wp.Expand(mid, query, intent, include_lexical), work)
         assert isinstance(reply, wp.Lines)
         return ExpandResult([(t, s) for t, s in reply.lines], timing, self.model_name("expand"))
 
@@ -298,7 +312,7 @@ class Scheduler:
         for lane in self.lanes.values():
             for m in lane.models.values():
                 load = m.costs.load_seconds_max or 0.0
-                per = max((m.service_seconds(t, settings.coalesce_texts) or 0.0
+                per = max((m.service_seconds(t, m.plan.spec.n_ctx or TASK_CTX_DEFAULT[t]) or 0.0
                            for t in m.plan.tasks), default=0.0)
                 worst = max(worst, load + per)
         return min(settings.request_timeout,
@@ -333,7 +347,7 @@ class Scheduler:
             load_retry_in=max(0.0, m.backoff.retry_at - now) if m.backoff.waiting(now) else 0.0,
             load_seconds=m.costs.load_seconds, load_seconds_max=m.costs.load_seconds_max,
             load_allowance=costs.load_allowance(m), footprint_bytes=costs.estimate_bytes(m),
-            seconds_per_item={t: c.sec_per_item for t, c in m.task_costs.items()},
+            seconds_per_token={t: c.sec_per_token for t, c in m.task_costs.items()},
             samples={t: c.samples for t, c in m.task_costs.items()},
             has_twin=breaker is not None, fallback=m.tripped,
             fallback_reason=breaker.reason if breaker else None)

@@ -58,7 +58,7 @@ class ModelView:
     load_seconds_max: float
     load_allowance: float
     footprint_bytes: int
-    seconds_per_item: dict[str, float | None] = field(default_factory=dict)
+    seconds_per_token: dict[str, float | None] = field(default_factory=dict)
     samples: dict[str, int] = field(default_factory=dict)
     has_twin: bool = False  # an NPU model with a CPU twin
     fallback: bool = False  # its work runs on the twin now

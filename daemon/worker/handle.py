@@ -11,6 +11,7 @@ import sys
 import time
 from multiprocessing.connection import Connection, wait
 
+from npuserve.daemon.worker import cancel
 from npuserve.daemon.worker import protocol as wp
 
 log = logging.getLogger("npuserve.worker_handle")
@@ -130,6 +131,15 @@ class WorkerHandle:
                 if proc.is_alive():
                     proc.kill()
                     await asyncio.to_thread(proc.join, 5)
+
+    def interrupt(self) -> None:
+        """Ask the running call to stop where it can (worker/cancel.py); no-op when idle."""
+        pid = self.pid
+        if pid is not None:
+            try:
+                os.kill(pid, cancel.SIGNAL)
+            except ProcessLookupError:
+                pass
 
     def kill_now(self) -> None:
         """SIGKILL the worker (tests and fault injection)."""

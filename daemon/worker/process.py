@@ -15,6 +15,7 @@ from multiprocessing.connection import Connection
 
 from npuserve.daemon.models.backend_api import Backend, BackendError, ExpandRequest, ModelLoadError
 from npuserve.daemon.models.backends import worker_target
+from npuserve.daemon.worker import cancel
 from npuserve.daemon.worker import protocol as wp
 
 log = logging.getLogger("npuserve.worker")
@@ -46,8 +47,11 @@ class Worker:
         self.tokenizers: dict[str, Backend] = {}
 
     def handle(self, req: wp.Request) -> wp.Reply:
+        cancel.reset()
         try:
             return self._dispatch(req)
+        except cancel.Cancelled as exc:
+            return wp.Failure(str(exc), kind="cancelled")
         except ModelLoadError as exc:
             return wp.Failure(str(exc), kind="unavailable")
         except BackendError as exc:
@@ -76,7 +80,8 @@ class Worker:
             out = backend.embed(list(req.texts))
             return wp.Vectors.pack(out.vectors, out.truncated, out.tokens, _since(start))
         if isinstance(req, wp.Rerank):
-            r = backend.rerank(req.query, list(req.documents), req.instruction)
+            r = backend.rerank(req.query, list(req.documents), req.instruction,
+                               req.max_doc_tokens)
             return wp.Scores(tuple(r.scores), tuple(r.truncated), r.tokens, _since(start))
         if isinstance(req, wp.Expand):
             e = backend.expand(req.query, req.intent, req.include_lexical)
@@ -125,6 +130,7 @@ def worker_main(conn: Connection, log_level: int = logging.INFO) -> None:
     logging.basicConfig(level=log_level, format="%(asctime)s worker[%(process)d] %(message)s")
     # The daemon handles SIGINT/SIGTERM and tells us to stop by closing the pipe.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    cancel.install()
     worker = Worker()
     while True:
         try:

@@ -56,6 +56,9 @@ class Rerank:
     query: str
     documents: tuple[str, ...]
     instruction: str
+    # Tokens a document may keep (0: what the context takes); the scheduler lowers it so
+    # a request fits its deadline instead of being refused (the documents say truncated).
+    max_doc_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -163,7 +166,7 @@ class Failure:
     """A request failed inside the worker; the worker itself is still healthy."""
 
     error: str
-    kind: str = "backend"  # backend | bad_request | not_loaded | unavailable
+    kind: str = "backend"  # backend | bad_request | not_loaded | unavailable | cancelled
 
 
 Reply = (Loaded | Unloaded | Vectors | Scores | Lines | LinesMany | TokenCounts | WorkerStats
