@@ -121,12 +121,13 @@ async def test_api_key_required_except_health(make_client):
     assert ok.status == 200
 
 
-async def test_cors_preflight_and_headers(client):
-    resp = await client.options("/embed")
-    assert resp.status == 204
-    assert resp.headers["Access-Control-Allow-Origin"] == "*"
+async def test_no_cors_headers_by_default(client):
+    """No web page may read a keyless daemon's answers (test_hostile_lan.py has the rest)."""
+    resp = await client.options("/embed")  # no Origin: not a preflight, a wrong method
+    msg = await _error(resp, 405)
+    assert "OPTIONS" in msg and "Access-Control-Allow-Origin" not in resp.headers
     err = await client.get("/missing")
-    assert err.headers["Access-Control-Allow-Origin"] == "*"
+    assert "Access-Control-Allow-Origin" not in err.headers
 
 
 async def test_rerank_query_too_long_for_context_is_400(make_client):
