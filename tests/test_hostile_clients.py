@@ -68,7 +68,8 @@ async def test_hostile_clients(daemon):
 
     # A body that trickles in: answered 408 after server.body_timeout, not held forever.
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"POST /embed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{")
+    writer.write(b"POST /embed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n{")
     await writer.drain()
     answer = await asyncio.wait_for(reader.read(), 15)
     writer.close()

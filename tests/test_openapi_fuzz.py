@@ -44,9 +44,10 @@ def test_every_route_is_in_the_openapi_document(make_config):
     assert registered == described, (registered - described, described - registered)
 
 
-async def test_openapi_is_public_and_uses_the_daemons_limits(make_client):
+async def test_openapi_is_behind_the_key_and_uses_the_daemons_limits(make_client):
     client = await make_client(server__api_key="k", server__max_batch="7")
-    resp = await client.get("/openapi.json")
+    assert (await client.get("/openapi.json")).status == 401  # as README says: all but /health
+    resp = await client.get("/openapi.json", headers={"Authorization": "Bearer k"})
     assert resp.status == 200
     doc = await resp.json()
     assert doc["openapi"].startswith("3.") and "/v1/embeddings" in doc["paths"]
