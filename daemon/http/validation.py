@@ -82,25 +82,33 @@ async def read_json(request: web.Request) -> Any:
     return body
 
 
-def check_unicode(value: Any, path: str = "") -> None:
+def check_unicode(body: Any) -> None:
     """Refuse lone surrogates (JSON's "\\ud800" escapes decode to them): no UTF-8 has
-    them, so tokenizers and the index could not take the text. The error names the field."""
-    if isinstance(value, str):
-        if not value.isascii():
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                where = path or "the request body"
-                raise InvalidRequest(
-                    f"{where} contains a lone surrogate (U+{ord(value[exc.start]):04X}) at"
-                    f" character {exc.start}: send valid Unicode") from None
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            check_unicode(key, f"{path}.{key!r} (a key)" if path else f"{key!r} (a key)")
-            check_unicode(item, f"{path}.{key}" if path else str(key))
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            check_unicode(item, f"{path}[{i}]")
+    them, so tokenizers and the index could not take the text. The error names the field.
+    A loop, not recursion: the body may nest as deep as the JSON parser allowed."""
+    stack: list[tuple[Any, str]] = [(body, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            _check_text(value, path)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(key, f"{path}.{key!r} (a key)" if path else f"{key!r} (a key)")
+                stack.append((item, f"{path}.{key}" if path else str(key)))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(value))
+
+
+def _check_text(value: str, path: str) -> None:
+    if value.isascii():
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(
+            f"{path or 'the request body'} contains a lone surrogate"
+            f" (U+{ord(value[exc.start]):04X}) at character {exc.start}: send valid Unicode"
+        ) from None
 
 
 async def read_object(request: web.Request) -> dict[str, Any]:
