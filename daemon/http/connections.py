@@ -25,6 +25,9 @@ from npuserve.daemon.http import quiet
 
 log = logging.getLogger("npuserve.http")
 RESERVED_FDS = 128
+# asyncio accepts up to the listen backlog in one go before any protocol is made: that many
+# descriptors can be open beyond the cap for a moment.
+BACKLOG = 128
 REFUSAL_BODY = json.dumps({"error": "too many connections; retry shortly"}).encode()
 REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
            b"Retry-After: 1\r\nConnection: close\r\n"
@@ -36,7 +39,7 @@ def connection_cap(configured: int) -> int:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return configured
-    return max(8, min(configured, soft - RESERVED_FDS))
+    return max(8, min(configured, soft - RESERVED_FDS - BACKLOG))
 
 
 class Refusal(asyncio.Protocol):
@@ -48,10 +51,18 @@ class Refusal(asyncio.Protocol):
         transport.close()
 
 
+# aiohttp has no public view of a connection's state; these are its own fields (3.10+),
+# read only here.
+def is_open(handler: Any) -> bool:
+    """Holds its socket: made (connected or about to be) and not yet lost."""
+    return getattr(handler, "_manager", None) is not None
+
+
 def is_idle(handler: Any) -> bool:
-    """Waiting for a request (keep-alive, or headers not complete yet), not serving one.
-    aiohttp has no public flag for this; `_request_in_progress` is its own (3.10+)."""
-    return not getattr(handler, "_request_in_progress", True)
+    """Open, not already being closed, and waiting for a request (keep-alive, or headers
+    not complete yet) rather than serving one."""
+    return (is_open(handler) and not getattr(handler, "_force_close", True)
+            and not getattr(handler, "_request_in_progress", True))
 
 
 class CappedSite(web.TCPSite):
@@ -59,6 +70,10 @@ class CappedSite(web.TCPSite):
                  max_connections: int, **kwargs: Any) -> None:
         super().__init__(runner, host, port, **kwargs)
         self.cap = connection_cap(max_connections)
+        # Every connection this site made, oldest first: counted here, not in the server's
+        # list, which learns of a connection only once asyncio has made it - in a burst of
+        # accepts every new one would see the same count and evict the same idle one.
+        self.handlers: list[Any] = []
         self.evicted = 0
         self.refused = 0
         self._log = quiet.Throttled(log)
@@ -78,9 +93,9 @@ class CappedSite(web.TCPSite):
                  " timeout", self.cap)
 
     def _admit(self, server: web.Server) -> asyncio.BaseProtocol:
-        open_now = server.connections  # oldest first
-        if len(open_now) >= self.cap:
-            idle = next((h for h in open_now if is_idle(h)), None)
+        self.handlers = [h for h in self.handlers if is_open(h)]
+        if len(self.handlers) >= self.cap:
+            idle = next((h for h in self.handlers if is_idle(h)), None)
             if idle is None:
                 self.refused += 1
                 self._log.warn("refused", "connection refused: all %d connections are"
@@ -90,4 +105,6 @@ class CappedSite(web.TCPSite):
             self.evicted += 1
             self._log.warn("evicted", "at the connection cap (%d): closed the longest-idle"
                            " connection for a new one", self.cap)
-        return server()
+        handler = server()
+        self.handlers.append(handler)
+        return handler
