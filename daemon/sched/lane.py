@@ -474,18 +474,28 @@ class Lane:
             job.timing.queued = start - job.enqueued - job.timing.load
         self.ctx.events["backend_calls"] += 1
         self.ctx.events["coalesced_requests"] += len(jobs) - 1
+        reply = await self._call(model, jobs, start)
+        if reply is not None:
+            await self._answer(model, jobs, reply, self.ctx.clock.now() - start)
+
+    async def _call(self, model: ModelState, jobs: list[Job], start: float) -> wp.Reply | None:
+        """The batch's backend call; None when the worker was lost (its jobs were then
+        retried, moved to the CPU twin or failed)."""
         abandoned = self._interrupt_when_abandoned(jobs)
         try:
-            reply = await self.worker.call(merge(jobs),
-                                           timeout=costs.run_allowance(model, jobs, start))
+            return await self.worker.call(merge(jobs),
+                                          timeout=costs.run_allowance(model, jobs, start))
         except (WorkerDied, WorkerTimeout) as exc:
             self._worker_lost(str(exc))
             if not await self._npu_failed(model, jobs, str(exc)):
                 self._retry_or_fail(model, jobs, exc)
-            return
+            return None
         finally:
             abandoned.cancel()
-        elapsed = self.ctx.clock.now() - start
+
+    async def _answer(self, model: ModelState, jobs: list[Job], reply: wp.Reply,
+                      elapsed: float) -> None:
+        """Measure the call, then give each job its share of the reply."""
         model.last_used = self.ctx.clock.now()
         if isinstance(reply, wp.Failure) and reply.kind == "cancelled":
             self.ctx.events["cancelled_running"] += 1  # nobody waits: no retry, no figure
