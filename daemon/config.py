@@ -178,6 +178,9 @@ _INDEX: dict[str, Key] = {
         " if smaller)", minimum=0),
     "chunk_overlap": Key(float, 0.15, "share of a chunk repeated in the next", minimum=0),
     "embed_batch": Key(int, 32, "chunks per embedding call", minimum=1),
+    "result_body_chars": Key(int, 4000, "characters of each document's body in /search,"
+                             " /vsearch and /query results unless the request asks for"
+                             " \"full\" (bodyTruncated says so; 0: always whole)", minimum=0),
 }
 TASK_CTX_DEFAULT = {"embed": 512, "rerank": 2048, "expand": 2048}
 
@@ -351,11 +354,12 @@ class IndexSettings:
     chunk_tokens: int
     chunk_overlap: float
     embed_batch: int
+    result_body_chars: int = 4000
 
     @classmethod
     def from_values(cls, v: Mapping[str, Any]) -> IndexSettings:
         return cls(v["index.enabled"], v["index.chunk_tokens"], v["index.chunk_overlap"],
-                   v["index.embed_batch"])
+                   v["index.embed_batch"], v["index.result_body_chars"])
 
 
 def default_state_dir(env: Mapping[str, str]) -> Path:

@@ -343,3 +343,25 @@ def test_one_outlier_does_not_move_the_per_token_figure():
     costs.observe_call(100, 34.0)  # one call on a machine busy with something else
     assert costs.sec_per_token == 0.003
     assert costs.service_seconds(1300) == 0.003 * 1300
+
+
+# --- response size ------------------------------------------------------------------------
+
+
+async def test_search_results_carry_a_snippet_unless_asked_for_the_whole(make_client):
+    """Eight 6 MB documents used to come back whole from one /search (48 MB, the server
+    grew by 200 MB); bodies are now cut to index.result_body_chars unless asked."""
+    client = await make_client(index__result_body_chars="100")
+    body = "cats nap in the sun. " * 5000  # 105,000 characters
+    assert (await client.post("/collections", json={"name": "c"})).status == 201
+    resp = await client.post("/collections/c/documents", json={"documents": [
+        {"path": f"{i}.md", "body": f"# Cats {i}\n\n{body}"} for i in range(3)]})
+    assert resp.status == 200, await resp.text()
+    found = (await (await client.get("/search?q=cats&limit=5")).json())["results"]
+    assert len(found) == 3
+    assert all(len(r["body"]) == 100 and r["bodyTruncated"] for r in found)
+    assert all(r["bodyLength"] == len(body) + len("# Cats 0\n\n") for r in found)
+    whole = (await (await client.get("/search?q=cats&limit=5&full=true")).json())["results"]
+    assert all(len(r["body"]) == r["bodyLength"] and not r["bodyTruncated"] for r in whole)
+    bad = await client.get("/search?q=cats&full=maybe")
+    assert bad.status == 400 and "full" in (await bad.json())["error"]

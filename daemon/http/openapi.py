@@ -170,11 +170,13 @@ def _index(lim: Limits) -> dict[str, Any]:
             "delete": op("Delete one document", "index", params=[name, doc_path]),
         },
         "/search": {"get": op("BM25 search", "index", params=[
-            query_param("q", STR, required=True), query_param("limit", LIMIT), COLLECTION_Q])},
+            query_param("q", STR, required=True), query_param("limit", LIMIT), COLLECTION_Q,
+            query_param("full", {"type": "string", "enum": ["true", "false", "1", "0"]})])},
         "/vsearch": {"post": op("Vector search", "index", obj(
-            ["query"], query=text(lim), limit=LIMIT, collection=collection))},
+            ["query"], query=text(lim), limit=LIMIT, collection=collection, full=BOOL))},
         "/query": {"post": op("Hybrid search: expand, fuse, rerank", "index", obj(
-            ["query"], query=text(lim), limit=LIMIT, collection=collection, intent=ANY_STR))},
+            ["query"], query=text(lim), limit=LIMIT, collection=collection, intent=ANY_STR,
+            full=BOOL))},
         "/browse": {"get": op("Page through chunks", "index", params=[
             query_param("limit", LIMIT), query_param("offset", {"type": "integer", "minimum": 0,
                                                                 "maximum": 1 << 40}),

@@ -49,6 +49,19 @@ def index_of(request: web.Request) -> IndexService:
     return index
 
 
+def _body_chars(request: web.Request, full: bool) -> int:
+    """How much of each body a result carries: a snippet unless the client asks for it
+    whole, so one search cannot move the server by hundreds of MB."""
+    return 0 if full else services(request).cfg.index.result_body_chars
+
+
+def _query_bool(request: web.Request, name: str) -> bool:
+    raw = request.query.get(name, "false")
+    if raw not in ("true", "false", "1", "0"):
+        raise InvalidRequest(f"{name} must be true, false, 1 or 0")
+    return raw in ("true", "1")
+
+
 def _query_int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
     raw = request.query.get(name)
     if raw is None:
@@ -155,8 +168,9 @@ async def bm25_search(request: web.Request) -> web.Response:
         raise InvalidRequest("q must be a non-empty query")
     limit = _query_int(request, "limit", 20, 1, MAX_LIMIT)
     collection = _query_collection(request)
+    full = _query_bool(request, "full")
     hits = await index.store.bm25(q, limit, collection)
-    out = await index.store.results(hits, "fts")
+    out = await index.store.results(hits, "fts", _body_chars(request, full))
     return web.json_response({"results": out, "total": len(out)})
 
 
@@ -177,7 +191,7 @@ async def _search_body(request: web.Request, default_limit: int
 async def vector_search(request: web.Request) -> web.Response:
     index = index_of(request)
     svc = services(request)
-    _, query, limit, collection = await _search_body(request, 20)
+    body, query, limit, collection = await _search_body(request, 20)
     embedded = await svc.scheduler.embed([query_text(query)])
     vectors = embedded.vectors
     stored_model, stored_dim = await index.store.vector_model()
@@ -191,7 +205,8 @@ async def vector_search(request: web.Request) -> web.Response:
             "hint": "re-embed the index with the current model, or configure the old one",
         }, status=409)
     hits = await index.store.nearest(vectors[0], limit, collection)
-    out = await index.store.results(hits, "vec")
+    full = optional_bool(body, "full", False)
+    out = await index.store.results(hits, "vec", _body_chars(request, full))
     return web.json_response({"results": out, "total": len(out)})
 
 
@@ -201,7 +216,9 @@ async def query(request: web.Request) -> web.Response:
     svc = services(request)
     body, text, limit, collection = await _search_body(request, 10)
     intent = optional_str(body, "intent", svc.limits)
-    result = await hybrid_query(index.store, svc.scheduler, text, limit, collection, intent)
+    full = optional_bool(body, "full", False)
+    result = await hybrid_query(index.store, svc.scheduler, text, limit, collection, intent,
+                                _body_chars(request, full))
     return web.json_response(result)
 
 

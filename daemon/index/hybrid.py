@@ -72,7 +72,8 @@ def strong_signal(hits: list[search.Hit]) -> bool:
 
 
 async def hybrid_query(store: IndexStorage, sched: Scheduler, query: str, limit: int,
-                       collection: str | None, intent: str | None) -> dict[str, Any]:
+                       collection: str | None, intent: str | None, body_chars: int = 0
+                       ) -> dict[str, Any]:
     trace = Trace()
     per_list = max(limit, RERANK_CANDIDATES)
 
@@ -116,7 +117,7 @@ async def hybrid_query(store: IndexStorage, sched: Scheduler, query: str, limit:
         w = blend_weight(pos)
         final.append(search.Hit(doc, w * (1.0 / pos) + (1 - w) * rr))
     final.sort(key=lambda h: h.score, reverse=True)
-    out = await store.results(final[:limit], "hybrid")
+    out = await store.results(final[:limit], "hybrid", body_chars)
     return {"results": out, "total": len(out), "stages": _stages(trace)}
 
 

@@ -97,15 +97,20 @@ def nearest(store: IndexStore, vector: memoryview | Sequence[float], limit: int,
     return sorted(best.values(), key=lambda h: h.score, reverse=True)[:limit]
 
 
-def results(store: IndexStore, hits: list[Hit], source: str) -> list[dict[str, Any]]:
-    """Hits as QMD SearchResults, in the hits' order."""
+def results(store: IndexStore, hits: list[Hit], source: str, body_chars: int = 0
+            ) -> list[dict[str, Any]]:
+    """Hits as QMD SearchResults, in the hits' order; each body cut to `body_chars`
+    (0: whole) in SQL, so eight 6 MB documents are not read whole to answer one search."""
     if not hits:
         return []
     ids = [h.doc_id for h in hits]
     marks = ",".join("?" * len(ids))
-    sql = ("SELECT d.id, c.name, d.path, d.title, d.hash, d.modified_at, d.body, d.metadata"
-           f" FROM documents d JOIN collections c ON c.id=d.collection_id WHERE d.id IN ({marks})")
-    rows = {r[0]: r for r in store.db.read(lambda c: c.execute(sql, ids).fetchall())}
+    body = "substr(d.body, 1, ?)" if body_chars else "d.body"
+    sql = (f"SELECT d.id, c.name, d.path, d.title, d.hash, d.modified_at, {body},"
+           " length(d.body) FROM documents d JOIN collections c ON c.id=d.collection_id"
+           f" WHERE d.id IN ({marks})")
+    args = ([body_chars] if body_chars else []) + ids
+    rows = {r[0]: r for r in store.db.read(lambda c: c.execute(sql, args).fetchall())}
     out = []
     for h in hits:
         r = rows.get(h.doc_id)
@@ -119,8 +124,9 @@ def results(store: IndexStore, hits: list[Hit], source: str) -> list[dict[str, A
             "docid": r[4][:6],
             "collectionName": r[1],
             "modifiedAt": r[5],
-            "bodyLength": len(r[6]),
+            "bodyLength": r[7],
             "body": r[6],
+            "bodyTruncated": len(r[6]) < r[7],
             "context": None,
             "score": round(float(h.score), 6),
             "source": source,

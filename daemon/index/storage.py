@@ -94,8 +94,10 @@ class IndexStorage(abc.ABC):
                       ) -> list[Hit]: ...
 
     @abc.abstractmethod
-    async def results(self, hits: list[Hit], source: str) -> list[dict[str, Any]]:
-        """Hits as QMD SearchResults, in the hits' order."""
+    async def results(self, hits: list[Hit], source: str, body_chars: int = 0
+                      ) -> list[dict[str, Any]]:
+        """Hits as QMD SearchResults, in the hits' order, bodies cut to `body_chars`
+        (0: whole)."""
 
     @abc.abstractmethod
     async def chunk_texts(self, chunk_ids: list[int]) -> dict[int, str]: ...
@@ -175,8 +177,9 @@ class SqliteStorage(IndexStorage):
     async def nearest(self, vector: Vector, limit: int, collection: str | None) -> list[Hit]:
         return await self._run(search.nearest, self.store, vector, limit, collection)
 
-    async def results(self, hits: list[Hit], source: str) -> list[dict[str, Any]]:
-        return await self._run(search.results, self.store, hits, source)
+    async def results(self, hits: list[Hit], source: str, body_chars: int = 0
+                      ) -> list[dict[str, Any]]:
+        return await self._run(search.results, self.store, hits, source, body_chars)
 
     async def chunk_texts(self, chunk_ids: list[int]) -> dict[int, str]:
         return await self._run(search.chunk_texts, self.store, chunk_ids)
