@@ -31,12 +31,10 @@ ALLOW_HEADERS = "Authorization, Content-Type"
 def own_names(bind_host: str, extra: Iterable[str]) -> frozenset[str]:
     """The names this daemon answers to (IP addresses are always answered)."""
     host = socket.gethostname().lower()
+    # Not getfqdn(): a DNS lookup at start-up stalls an offline board; other names go in
+    # server.allowed_hosts.
     names = {"localhost", "localhost.localdomain", host, host.split(".")[0],
              f"{host.split('.')[0]}.local", bind_host.lower()}
-    try:
-        names.add(socket.getfqdn().lower())
-    except OSError:
-        pass
     return frozenset(n.rstrip(".") for n in names | {e.lower() for e in extra} if n)
 
 

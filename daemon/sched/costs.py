@@ -45,7 +45,7 @@ def run_allowance(model: ModelState, jobs: list[Job], now: float) -> float:
     # Its own tokens: a long document's call gets a long allowance (a 95,000-character
     # document was killed mid-call when the allowance came from a per-document average).
     remaining = max(j.deadline for j in jobs) - now
-    return max(remaining, 30.0 + 10.0 * (expected if expected is not None else tokens))
+    return max(remaining, 30.0 + 10.0 * (expected or 0.0))
 
 
 def deadline_for(settings: SchedulerSettings, expected: float | None, cold: bool) -> float:
@@ -62,10 +62,14 @@ def estimate_bytes(model: ModelState) -> int:
     """A model's memory: the most it was seen to hold, else its backend's estimate."""
     if model.costs.footprint_bytes:
         return model.costs.footprint_bytes
-    return memory_estimate(model.plan.spec)
+    if model.estimated_bytes is None:
+        model.estimated_bytes = memory_estimate(model.plan.spec)
+    return model.estimated_bytes
 
 
 def mapped_bytes(model: ModelState) -> int:
     """Bytes of the model's file a loaded model keeps mapped (GGUF weights)."""
-    path = model.plan.spec.path
-    return os.path.getsize(path) if os.path.isfile(path) else 0
+    if model.file_bytes is None:
+        path = model.plan.spec.path
+        model.file_bytes = os.path.getsize(path) if os.path.isfile(path) else 0
+    return model.file_bytes

@@ -126,14 +126,20 @@ class Lane:
 
     # --- what the policy sees ---------------------------------------------------------
 
-    def view(self, now: float) -> LaneView:
+    def view(self, now: float, loading: bool = False) -> LaneView:
+        """What the policy sees; `loading`: a load is planned whatever the queues say."""
+        models = tuple(self._queue_view(m) for m in self.models.values())
+        # Memory is read only where the auto policy may plan a load with it (files and
+        # /proc are not read at every decision).
+        may_load = self.ctx.settings.residency == "auto" and (loading or any(
+            not m.resident and (m.waiting or m.probe_at is not None) for m in models))
         return LaneView(
-            models=tuple(self._queue_view(m) for m in self.models.values()),
+            models=models,
             resident=tuple(self.resident),
             serving=self.serving,
             batch_ended=self.batch_ended,
-            mem_available=self.ctx.memory_probe(),
-            held_elsewhere=self.ctx.held_elsewhere(self),
+            mem_available=self.ctx.memory_probe() if may_load else LaneView.mem_available,
+            held_elsewhere=self.ctx.held_elsewhere(self) if may_load else 0,
             stopping=self.ctx.stopping,
         )
 
@@ -277,7 +283,7 @@ class Lane:
         if model.backoff.waiting(now):
             raise ModelUnavailable(f"model {model.plan.name} cannot load: {model.backoff.error}",
                                    retry_after=model.backoff.retry_at - now)
-        view = self.view(now)
+        view = self.view(now, loading=True)
         error = await self._load(model, self.ctx.policy.victims(view, view.model(model.model_id)))
         if error is not None:
             self._load_failed(model, error)
@@ -327,6 +333,7 @@ class Lane:
         if self.baseline_rss is None or not self.resident:
             self.baseline_rss = reply.rss_before
         model.backoff.succeeded()
+        model.estimated_bytes = model.file_bytes = None  # read the loaded files afresh
         # keep_alive counts from the load too: a preloaded model with nothing queued yet
         # must not look idle since start-up and be unloaded at once.
         model.last_used = self.ctx.clock.now()

@@ -55,6 +55,10 @@ class ModelState:
     breaker: NpuBreaker | None = None  # NPU models with a CPU twin only
     last_used: float = 0.0
     dim: int | None = None
+    # Read from the model's files once, not at every decision; forgotten at each load, so
+    # a file replaced meanwhile is read again.
+    estimated_bytes: int | None = None
+    file_bytes: int | None = None
 
     @property
     def model_id(self) -> str:
