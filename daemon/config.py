@@ -54,6 +54,11 @@ _SERVER: dict[str, Key] = {
     "max_body_mb": Key(float, 50.0, "largest request body in MB (413 above)", minimum=0.001),
     "max_batch": Key(int, 512, "most texts or documents in one request", minimum=1),
     "max_text_chars": Key(int, 100_000, "longest single text in characters", minimum=1),
+    "strict_models": Key(bool, False, "refuse (409) a request that names a model other than"
+                         " the one serving its task or its aliases (off: serve it, say which"
+                         " model answered, count it in /metrics)"),
+    "max_tokens": Key(int, 1024, "chat and completion endpoints: most tokens one request may"
+                      " generate (a larger max_tokens is lowered to this)", minimum=1),
     "shutdown_timeout": Key(float, 30.0, "seconds in-flight requests get on SIGTERM", minimum=0),
     "body_timeout": Key(float, 30.0, "seconds a client may take to send its request body"
                         " (408 after)", minimum=0.1),
@@ -113,10 +118,13 @@ _SCHEDULER: dict[str, Key] = {
 }
 _MODEL: dict[str, Key] = {
     "name": Key(str, "", "model name reported to clients (empty: from the file)"),
+    "aliases": Key(list, [], "other names clients may ask for this model by (their own"
+                   " default's name, say) without counting as a model mismatch"),
     "path": Key(str, "", "model file or directory (empty: the prepared default)"),
     "device": Key(str, "auto", "where it runs", ("auto", "npu", "cpu")),
     "n_ctx": Key(int, 0, "context length in tokens (0: task default)", minimum=0),
-    "threads": Key(int, 0, "CPU threads (0: one per core)", minimum=0),
+    "threads": Key(int, 0, "CPU threads (0: at each call, one per core no other process is"
+                   " busy on)", minimum=0),
     "flash_attn": Key(bool, True, "llama.cpp flash attention on the CPU: ~1.5x (100 tokens)"
                       " to ~2x (440 tokens) faster embeddings, the same vectors, and short texts"
                       " packed per decode; faster expansion (docs/benchmarks.md, design notes)"),
@@ -181,8 +189,11 @@ _INDEX: dict[str, Key] = {
     "result_body_chars": Key(int, 4000, "characters of each document's body in /search,"
                              " /vsearch and /query results unless the request asks for"
                              " \"full\" (bodyTruncated says so; 0: always whole)", minimum=0),
+    "rerank_seconds": Key(float, 6.0, "/query: seconds its rerank stage is planned to take by"
+                          " the reranker's measured cost; each candidate is cut to its"
+                          " best-matching window to fit (0: whole chunks, as QMD)", minimum=0),
 }
-TASK_CTX_DEFAULT = {"embed": 512, "rerank": 2048, "expand": 2048}
+TASK_CTX_DEFAULT = {"embed": 512, "rerank": 2048, "expand": 2048, "generate": 2048}
 
 SCHEMA: dict[str, Any] = {
     "state_dir": Key(str, "", "models, index, calibration"
@@ -329,6 +340,8 @@ class ServerSettings:
     idle_timeout: float = 15.0
     cors_origins: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()
+    max_tokens: int = 1024
+    strict_models: bool = False
 
     @classmethod
     def from_values(cls, v: Mapping[str, Any]) -> ServerSettings:
@@ -343,7 +356,8 @@ class ServerSettings:
             max_connections=v["server.max_connections"],
             idle_timeout=v["server.idle_timeout"],
             cors_origins=tuple(v["server.cors_origins"]),
-            allowed_hosts=tuple(v["server.allowed_hosts"]))
+            allowed_hosts=tuple(v["server.allowed_hosts"]),
+            max_tokens=v["server.max_tokens"], strict_models=v["server.strict_models"])
 
 
 @dataclass(frozen=True)
@@ -355,11 +369,13 @@ class IndexSettings:
     chunk_overlap: float
     embed_batch: int
     result_body_chars: int = 4000
+    rerank_seconds: float = 6.0
 
     @classmethod
     def from_values(cls, v: Mapping[str, Any]) -> IndexSettings:
         return cls(v["index.enabled"], v["index.chunk_tokens"], v["index.chunk_overlap"],
-                   v["index.embed_batch"], v["index.result_body_chars"])
+                   v["index.embed_batch"], v["index.result_body_chars"],
+                   v["index.rerank_seconds"])
 
 
 def default_state_dir(env: Mapping[str, str]) -> Path:

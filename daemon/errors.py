@@ -95,3 +95,9 @@ class Busy(SchedulerError):
     """The model has queued work; it cannot be unloaded now."""
 
     status = 409
+
+
+class NotSupported(SchedulerError):
+    """The configured model or backend cannot do what was asked (501)."""
+
+    status = 501

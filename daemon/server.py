@@ -84,7 +84,8 @@ def reload_config(app: web.Application, scheduler: Scheduler, load: Callable[[],
     later = [k for k in changed if k not in live]
     merged = Config(values={**old.values, **{k: new.values[k] for k in live}}, source=new.source)
     services.cfg = merged
-    services.limits = Limits(merged.server.max_batch, merged.server.max_text_chars)
+    services.limits = Limits(merged.server.max_batch, merged.server.max_text_chars,
+                             merged.server.max_tokens)
     scheduler.apply_settings(SchedulerSettings.from_config(merged))
     logging.getLogger().setLevel(str(merged.get("log_level")).upper())
     log.info("configuration reloaded: applied %s", ", ".join(live) or "nothing")

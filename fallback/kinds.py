@@ -26,7 +26,8 @@ LLAMA_EMBED = BackendKind(
     memory_estimate=gguf_estimate,
 )
 LLAMA_GENERATIVE = BackendKind(
-    name="llama_cpp_generative", device="cpu", tasks=frozenset({"rerank", "expand"}),
+    name="llama_cpp_generative", device="cpu",
+    tasks=frozenset({"rerank", "expand", "generate"}),
     target="npuserve.fallback.llama_generative:LlamaGenerativeBackend",
     memory_estimate=gguf_estimate,
 )

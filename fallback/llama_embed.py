@@ -23,7 +23,7 @@ from npuserve.daemon.models.backend_api import (
 from npuserve.daemon.models.vector_rows import VectorRows, l2_normalized
 from npuserve.daemon.worker.protocol import ModelSpec
 
-from .llama_common import thread_count
+from .llama_common import set_threads, thread_count
 from .llama_session import LlamaModel, LlamaSession
 
 # Sequences one decode may pack. llama.cpp keeps an output row of n_vocab + n_embd floats
@@ -126,6 +126,7 @@ class LlamaEmbedBackend(LlamaSession, Backend):
         if self.model is None or not self.ctx:
             raise BackendError("embedding model is not loaded")
         tokenized = [self.tokens(text) for text in texts]
+        set_threads(self.model.lib, self.ctx, self.spec.threads)
         rows: list[list[float]] = [[] for _ in texts]
         # Short texts are packed, several sequences per decode (up to PACK_TOKENS):
         # with flash attention 1.4-1.9x faster for 16-token queries, same vectors; long

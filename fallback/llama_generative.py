@@ -35,7 +35,8 @@ from npuserve.daemon.models.qmd_conventions import (
 from npuserve.daemon.worker import cancel
 from npuserve.daemon.worker.protocol import ModelSpec
 
-from .llama_common import thread_count
+from .llama_chat import ChatGeneration
+from .llama_common import set_threads, thread_count
 from .llama_session import LlamaModel, LlamaSession
 
 # Expansions generated together, one token each per decode: a step of a small model is
@@ -83,7 +84,7 @@ class _Sequence:
     done: bool = False
 
 
-class LlamaGenerativeBackend(LlamaSession, Backend):
+class LlamaGenerativeBackend(ChatGeneration, LlamaSession, Backend):
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         self.model: LlamaModel | None = None
@@ -113,7 +114,8 @@ class LlamaGenerativeBackend(LlamaSession, Backend):
         self._seed = int(self.spec.option("seed", -1)) & 0xFFFFFFFF
         self._yes = self._single_token(str(self.spec.option("yes_token", "yes")))
         self._no = self._single_token(str(self.spec.option("no_token", "no")))
-        return LoadInfo(name=self.spec.model_id, tasks=["rerank", "expand"], n_ctx=self.n_ctx,
+        return LoadInfo(name=self.spec.model_id, tasks=["rerank", "expand", "generate"],
+                        n_ctx=self.n_ctx,
                         details={"yes_id": self._yes, "no_id": self._no})
 
     def _flash(self, task: str) -> bool:
@@ -236,6 +238,7 @@ class LlamaGenerativeBackend(LlamaSession, Backend):
         # only evaluates its own tokens on top of that KV cache (scores identical).
         self._open_context(1, self._flash("rerank"))
         llama = self.model.lib
+        set_threads(llama, self.ctx, self.spec.threads)
         memory = llama.llama_get_memory(self.ctx)
         self._clear()
         self._eval(prefix, 0)
@@ -297,6 +300,7 @@ class LlamaGenerativeBackend(LlamaSession, Backend):
         assert self.model is not None
         llama = self.model.lib
         self._open_context(len(group), self._flash("expand"))
+        set_threads(llama, self.ctx, self.spec.threads)
         seqs = [_Sequence(i, prompts[i], self._sampler(), bytearray()) for i in group]
         try:
             self._clear()
@@ -345,16 +349,22 @@ class LlamaGenerativeBackend(LlamaSession, Backend):
     def _sampler(self) -> _Sampler:
         """QMD's sampling (temperature, top-k, top-p, presence penalty) under the bounded
         expansion grammar; greedy at temperature 0."""
-        assert self.model is not None
-        llama, opt = self.model.lib, self.spec.option
+        opt = self.spec.option
         grammar_text = expansion_grammar(int(opt("max_lines", 6)),
                                          int(opt("max_line_chars", 160)))
+        seed = self._next_seed()
+        return self._grammar_sampler(grammar_text, self._chain(seed), self._chain(seed))
+
+    def _grammar_sampler(self, grammar_text: str, free: Any, pick: Any) -> _Sampler:
+        """`free` and `pick` (sampler chains, owned from here on) under a GBNF grammar."""
+        assert self.model is not None
+        llama = self.model.lib
         grammar = llama.llama_sampler_init_grammar(self.model.vocab, grammar_text.encode(),
                                                    b"root")
         if not grammar:
-            raise BackendError("llama.cpp rejected the expansion grammar")
-        seed = self._next_seed()
-        free, pick = self._chain(seed), self._chain(seed)
+            llama.llama_sampler_free(free)
+            llama.llama_sampler_free(pick)
+            raise ValueError("llama.cpp could not parse the grammar (GBNF)")
         slot = (llama.llama_token_data * 1)()
         one = llama.llama_token_data_array(slot, 1, -1, False)
         return _Sampler(free, pick, grammar, one, slot)

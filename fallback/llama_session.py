@@ -70,6 +70,9 @@ class LlamaSession:
         self.model.close()
         self.model = None
 
+    def token_ids(self, text: str, add_special: bool = True) -> list[int]:
+        return list(self._tokenizer().tokenize(text, add_special=add_special))
+
     def _tokenizer(self) -> LlamaModel:
         if self.model is not None:
             return self.model

@@ -18,6 +18,9 @@ class NpuEmbedBackend(NpuModelBackend):
     def count_tokens(self, text: str) -> int:
         return len(self._tokenizer().encode(text).ids)
 
+    def token_ids(self, text: str, add_special: bool = True) -> list[int]:
+        return list(self._tokenizer().encode(text, add_special_tokens=add_special).ids)
+
     def _pool(self, out: np.ndarray, n: int) -> np.ndarray:
         model = self._manifest()
         if model.pooling == "in_graph":

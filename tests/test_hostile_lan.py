@@ -129,6 +129,28 @@ async def test_a_collection_name_cannot_end_in_a_newline(client):
     assert resp.status == 201
 
 
+async def _expect_continue(client, length: int, extra: bytes = b"") -> bytes:
+    """Announce a body of `length` bytes with `Expect: 100-continue`, send none of it, and
+    return the server's first answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(b"POST /embed HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
+                 b"\r\nExpect: 100-continue\r\nContent-Length: %d\r\n%s\r\n" % (length, extra))
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    writer.close()
+    return head
+
+
+async def test_an_announced_60_mb_body_is_413_before_it_is_sent(make_client):
+    client = await make_client(server__api_key="k")
+    auth = b"Authorization: Bearer k\r\n"
+    head = await _expect_continue(client, 60 * 1024 * 1024, auth)
+    assert head.startswith(b"HTTP/1.1 413") and b"Connection: close" in head
+    # Without the key, nothing is asked for either; with it and a legal size: continue.
+    assert (await _expect_continue(client, 100)).startswith(b"HTTP/1.1 401")
+    assert (await _expect_continue(client, 100, auth)).startswith(b"HTTP/1.1 100 Continue")
+
+
 # --- connections --------------------------------------------------------------------------
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 
+from npuserve.daemon.models.registry import ModelPlan
 from npuserve.daemon.sched.jobs import Job
+from npuserve.daemon.sched.model import ModelState
 from npuserve.daemon.sched.policy import (
     AgingPolicy,
     FifoPolicy,
@@ -223,3 +225,25 @@ def test_fifo_serves_strictly_in_arrival_order():
         _job("rerank", wp.Rerank("m", "q", ("d",), ""), 1, NOW + 1),
         _job("expand", wp.Expand("m", "q2", None, True), 1, NOW + 2)])
     assert len(policy.take(mixed, [])) == 1  # stops at the rerank
+
+
+def test_background_embedding_yields_to_interactive_requests():
+    """The index's own embedding (background) neither keeps the device nor makes a model
+    load while an interactive request waits, and an interactive call is not made longer by
+    background texts; with nothing interactive waiting it runs."""
+    policy = AgingPolicy(settings(coalesce_texts=64))
+    older_background = queue("embed", 32, age=60.0, resident=True, background_only=True)
+    view = lane(older_background, queue("rerank", 1, age=0.1), serving="embed")
+    assert policy.decide(view, NOW) == Load("rerank", ("embed",))
+    alone = lane(older_background, queue("rerank"), serving="rerank")
+    assert policy.decide(alone, NOW) == Serve("embed")
+
+    model = ModelState(ModelPlan(wp.ModelSpec("m", "llama-embed", "m.gguf", 512, 1), "cpu", "m"))
+    for i, background in enumerate([True, False, True, False]):
+        model.enqueue(dataclasses.replace(
+            _job("embed", wp.Embed("m", (f"t{i}",)), 1, NOW + i), background=background))
+    assert [j.request.texts for j in model.queue] == [  # type: ignore[union-attr]
+        ("t1",), ("t3",), ("t0",), ("t2",)]
+    taken = policy.take(model.queue, [])
+    assert [j.background for j in taken] == [False, False]
+    assert model.background_only and len(model.queue) == 2

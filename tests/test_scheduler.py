@@ -360,3 +360,29 @@ async def test_a_swap_waits_for_the_next_stage_of_the_batch_just_served(make_cli
     assert responses[0].status == 200
     assert done[0] == first, done
     assert done.count("rerank") == 6
+
+
+async def test_a_long_rerank_lets_another_models_request_in_between_its_slices(client):
+    """A rerank runs in slices of a few seconds: an /embed sent while it runs is answered
+    before the rerank ends (not after the whole of it), and the rerank still answers every
+    document, in its place."""
+    docs = [{"file": f"{i}.md", "text": f"document {i} " + "cats sleep a lot " * 60}
+            for i in range(12)]
+    docs[7]["text"] = "Cats sleep twelve to sixteen hours a day. " * 10
+    await client.post("/rerank", json={"query": "warm", "documents": docs[:1]})  # measured
+    costs = _sched(client)._primary("rerank").task_costs["rerank"]
+    per_char = costs.tokens_per_char
+    rerank = asyncio.ensure_future(client.post("/rerank", json={
+        "query": "how long do cats sleep", "documents": docs}))
+    await asyncio.sleep(1.0)  # its first slice is running
+    embed = await client.post("/embed", json={"text": "hello"})
+    assert embed.status == 200
+    assert not rerank.done(), "the /embed waited for the whole rerank"
+    resp = await rerank
+    assert resp.status == 200
+    results = (await resp.json())["results"]
+    assert sorted(r["index"] for r in results) == list(range(12))
+    assert all(r["file"] == f"{r['index']}.md" for r in results)
+    assert _sched(client).snapshot().events["backend_calls"] >= 4  # warm-up, 2+ slices, embed
+    # Each slice is measured on its own text: the tokenizer's figure does not drift.
+    assert abs(costs.tokens_per_char - per_char) < 0.25 * per_char

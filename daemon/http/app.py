@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http import HttpVersion11
 
 from npuserve.daemon.config import Config
 from npuserve.daemon.errors import ApiError
@@ -103,21 +104,49 @@ async def drain_middleware(request: web.Request, handler: Handler) -> web.Stream
         svc.inflight -= 1
 
 
+def key_refusal(request: web.Request) -> web.Response | None:
+    """401 when the daemon has a key and the request does not carry it."""
+    key = services(request).cfg.server.api_key
+    if not key or request.path in PUBLIC_PATHS:
+        return None
+    given = request.headers.get("Authorization", "")
+    scheme, _, token = given.partition(" ")
+    # compare_digest: the time taken does not reveal how much of the key matched.
+    # Header bytes that are not UTF-8 arrive as surrogate escapes: compared as the
+    # bytes they were, they simply do not match (401), instead of failing to encode.
+    ok = scheme.lower() == "bearer" and hmac.compare_digest(
+        token.strip().encode("utf-8", "surrogateescape"), key.encode())
+    if ok:
+        return None
+    return json_error(401, "missing or wrong API key (Authorization: Bearer <key>)",
+                      {"WWW-Authenticate": 'Bearer realm="npuserve"'})
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    key = services(request).cfg.server.api_key
-    if key and request.path not in PUBLIC_PATHS:
-        given = request.headers.get("Authorization", "")
-        scheme, _, token = given.partition(" ")
-        # compare_digest: the time taken does not reveal how much of the key matched.
-        # Header bytes that are not UTF-8 arrive as surrogate escapes: compared as the
-        # bytes they were, they simply do not match (401), instead of failing to encode.
-        ok = scheme.lower() == "bearer" and hmac.compare_digest(
-            token.strip().encode("utf-8", "surrogateescape"), key.encode())
-        if not ok:
-            return json_error(401, "missing or wrong API key (Authorization: Bearer <key>)",
-                              {"WWW-Authenticate": 'Bearer realm="npuserve"'})
-    return await handler(request)
+    return key_refusal(request) or await handler(request)
+
+
+async def expect_handler(request: web.Request) -> web.StreamResponse | None:
+    """`Expect: 100-continue`: a body over the limit (by its Content-Length) or without the
+    key is refused before the client sends it - aiohttp would otherwise ask for 60 MB only
+    to refuse it. Runs before the middlewares, so it answers in their JSON form itself."""
+    if request.version != HttpVersion11:
+        return None  # HTTP/1.0 has no 100 Continue: the body simply follows
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        return json_error(417, f"unsupported Expect: {request.headers.get('Expect')}")
+    limit = services(request).max_body
+    length = request.content_length
+    refusal = key_refusal(request)
+    if length is not None and length > limit:
+        refusal = json_error(413, f"request body too large ({length} > {limit} bytes,"
+                             " server.max_body_mb)")
+    if refusal is not None:
+        refusal.force_close()  # the body it announced is never read
+        return refusal
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the real response's size is counted from here
+    return None
 
 
 def _open_index(app: web.Application, cfg: Config, scheduler: Scheduler) -> None:
@@ -159,12 +188,15 @@ def build_app(cfg: Config, scheduler: Scheduler) -> web.Application:
         cfg=cfg,
         scheduler=scheduler,
         metrics=Registry(),
-        limits=Limits(server.max_batch, server.max_text_chars),
+        limits=Limits(server.max_batch, server.max_text_chars, server.max_tokens),
         max_body=max_body,
     )
     for module in (routes_qmd, rerank_shapes, routes_openai, routes_ollama, routes_ops,
                    routes_admin, routes_index):
-        app.add_routes(module.routes)
+        for route in module.routes:
+            assert isinstance(route, web.RouteDef)
+            app.router.add_route(route.method, route.path, route.handler,
+                                 expect_handler=expect_handler, **route.kwargs)
 
     async def on_startup(app: web.Application) -> None:
         scheduler.start()

@@ -86,6 +86,9 @@ def _qmd(lim: Limits) -> dict[str, Any]:
     qmd_doc = obj(["file", "text"], file=ANY_STR, text=text(lim, 0), title=ANY_STR)
     cohere_doc: Schema = {"anyOf": [text(lim, 0), obj(["text"], text=text(lim, 0))]}
     embedding = obj(embedding=VECTOR, model=ANY_STR, truncated=BOOL)
+    tokenize_body: Schema = {"anyOf": [
+        obj(["text"], text=text(lim)),
+        obj(["prompt"], prompt=text(lim), model=ANY_STR, add_special_tokens=BOOL)]}
     return {
         "/embed": {"post": op("Embed one text (QMD)", "qmd", obj(
             ["text"], text=text(lim),
@@ -108,9 +111,11 @@ def _qmd(lim: Limits) -> dict[str, Any]:
             ["query"], query=text(lim),
             options=obj(intent=ANY_STR, context=ANY_STR, includeLexical=BOOL)),
             {"type": "array", "items": obj(type=ANY_STR, text=ANY_STR)})},
-        "/tokenize": {"post": op("Count the embedding model's tokens", "qmd",
-                                 obj(["text"], text=text(lim)),
-                                 obj(tokens={"type": "integer"}))},
+        "/tokenize": {"post": op(
+            "QMD {text} -> {tokens: count}; vLLM {prompt} -> {tokens: [ids], count}", "qmd",
+            tokenize_body, obj(tokens={}))},
+        "/v1/tokenize": {"post": op("Tokenize (QMD or vLLM shape, as /tokenize)", "qmd",
+                                    tokenize_body, obj(tokens={}))},
     }
 
 
@@ -121,6 +126,30 @@ def top_n(lim: Limits) -> Schema:
 def _conventions(lim: Limits) -> dict[str, Any]:
     embed_input: Schema = {"anyOf": [text(lim), arr(text(lim), lim)]}
     cohere_doc: Schema = {"anyOf": [text(lim, 0), obj(["text"], text=text(lim, 0))]}
+    message = obj(["role", "content"], role={"type": "string", "enum": [
+        "system", "user", "assistant", "tool", "developer"]}, content=ANY_STR)
+    stop: Schema = {"anyOf": [STR, {"type": "array", "items": STR, "maxItems": 4}]}
+    sampling: dict[str, Schema] = {
+        "model": IGNORED, "stream": BOOL, "max_tokens": {"type": "integer", "minimum": 1},
+        "max_completion_tokens": {"type": "integer", "minimum": 1},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+        "top_k": {"type": "integer", "minimum": 0, "maximum": 1000},
+        "seed": {"type": "integer"}, "stop": stop, "n": {"type": "integer", "enum": [1]},
+        "grammar": ANY_STR, "response_format": {"type": "object"},
+        "stream_options": obj(include_usage=BOOL)}
+    ollama_opts: dict[str, Schema] = {
+        "model": IGNORED, "stream": BOOL, "format": {"anyOf": [
+            {"type": "string", "enum": ["json"]}, {"type": "object"}]},
+        "options": obj(num_predict={"type": "integer", "minimum": 1},
+                       temperature={"type": "number", "minimum": 0, "maximum": 2},
+                       top_p={"type": "number", "minimum": 0, "maximum": 1},
+                       top_k={"type": "integer", "minimum": 0, "maximum": 1000},
+                       seed={"type": "integer"}, stop=stop)}
+    score_body = obj(["text_1", "text_2"], text_1=text(lim),
+                     text_2={"anyOf": [text(lim, 0), arr(text(lim, 0), lim)]}, model=IGNORED)
+    score_ok = obj(data={"type": "array", "items": obj(
+        ["index", "score"], index={"type": "integer"}, score={"type": "number"})})
     return {
         "/v1/embeddings": {"post": op("OpenAI embeddings", "openai", obj(
             ["input"], input=embed_input, model=ANY_STR,
@@ -133,6 +162,32 @@ def _conventions(lim: Limits) -> dict[str, Any]:
             ["query", "documents"], query=text(lim), documents=arr(cohere_doc, lim),
             top_n=top_n(lim), return_documents=BOOL, model=IGNORED),
             obj(results={"type": "array"}))},
+        "/v2/rerank": {"post": op("Cohere v2 rerank", "rerank", obj(
+            ["query", "documents"], query=text(lim), documents=arr(cohere_doc, lim),
+            top_n=top_n(lim), return_documents=BOOL, model=IGNORED),
+            obj(results={"type": "array"}))},
+        "/api/rerank": {"post": op("Ollama-style rerank (rkllama)", "rerank", obj(
+            ["query", "documents"], query=text(lim), documents=arr(cohere_doc, lim),
+            top_n=top_n(lim), model=IGNORED),
+            obj(results={"type": "array"}))},
+        "/score": {"post": op("vLLM score: text_1 against each of text_2", "rerank",
+                              score_body, score_ok)},
+        "/v1/score": {"post": op("vLLM score (OpenAI-style path)", "rerank",
+                                 score_body, score_ok)},
+        "/v1/chat/completions": {"post": op(
+            "OpenAI chat completion on the expansion model (stream: server-sent events)",
+            "openai", obj(["messages"], messages=arr(message, lim), **sampling),
+            obj(choices={"type": "array"}))},
+        "/v1/completions": {"post": op(
+            "OpenAI text completion on the expansion model (stream: server-sent events)",
+            "openai", obj(["prompt"], prompt={"anyOf": [text(lim), arr(text(lim), lim)]},
+                          **sampling), obj(choices={"type": "array"}))},
+        "/api/generate": {"post": op(
+            "Ollama generate on the expansion model (stream, the default: NDJSON)", "ollama",
+            obj(["prompt"], prompt=text(lim), system=ANY_STR, raw=BOOL, **ollama_opts))},
+        "/api/chat": {"post": op(
+            "Ollama chat on the expansion model (stream, the default: NDJSON)", "ollama",
+            obj(["messages"], messages=arr(message, lim), **ollama_opts))},
         "/api/embed": {"post": op("Ollama embed", "ollama", obj(
             ["input"], input=embed_input, model=IGNORED, truncate=BOOL),
             obj(embeddings={"type": "array", "items": VECTOR}))},

@@ -218,7 +218,7 @@ async def query(request: web.Request) -> web.Response:
     intent = optional_str(body, "intent", svc.limits)
     full = optional_bool(body, "full", False)
     result = await hybrid_query(index.store, svc.scheduler, text, limit, collection, intent,
-                                _body_chars(request, full))
+                                _body_chars(request, full), index.settings.rerank_seconds)
     return web.json_response(result)
 
 

@@ -10,8 +10,9 @@ from typing import Any
 
 from aiohttp import web
 
+from npuserve.daemon.http.model_names import check_model
 from npuserve.daemon.http.rerank_shapes import cohere_or_tei_rerank, is_qmd_rerank
-from npuserve.daemon.http.services import services, timing_headers
+from npuserve.daemon.http.services import embedding_headers, services, timing_headers
 from npuserve.daemon.http.validation import (
     InvalidRequest,
     Limits,
@@ -33,11 +34,12 @@ MSG_RERANK = "query must be a non-empty string and documents must be a non-empty
 MSG_QUERY = "query must be a non-empty string"
 
 
-def _embed_options(body: dict[str, Any], limits: Limits) -> None:
+def _embed_options(request: web.Request, body: dict[str, Any], limits: Limits) -> None:
     """QMD sends options the server does not need (it embeds text as received);
     they are still type-checked so a malformed client hears about it."""
     options = optional_object(body, "options")
-    optional_str(options, "model", limits, "options.model")
+    model = optional_str(options, "model", limits, "options.model")
+    check_model(request, "embed", model, "options.model")
     optional_str(options, "title", limits, "options.title")
     optional_bool(options, "isQuery", False, "options.isQuery")
 
@@ -51,12 +53,12 @@ async def embed(request: web.Request) -> web.Response:
     svc = services(request)
     body = await read_object(request)
     text = text_field(body, "text", svc.limits, MSG_TEXT)
-    _embed_options(body, svc.limits)
+    _embed_options(request, body, svc.limits)
     result = await svc.scheduler.embed([text])
     return web.json_response(
         {"embedding": _vector(result.vectors[0]), "model": result.model,
-         "truncated": result.truncated[0]},
-        headers=timing_headers(result.timing),
+         "fingerprint": result.fingerprint, "truncated": result.truncated[0]},
+        headers=embedding_headers(result.timing, result.fingerprint),
     )
 
 
@@ -65,7 +67,7 @@ async def embed_batch(request: web.Request) -> web.Response:
     svc = services(request)
     body = await read_object(request)
     texts = string_list(body, "texts", svc.limits, MSG_TEXTS, allow_empty_items=True)
-    _embed_options(body, svc.limits)
+    _embed_options(request, body, svc.limits)
     # Empty strings have nothing to embed: they answer null in their slot.
     wanted = [i for i, t in enumerate(texts) if t]
     out: list[dict[str, Any] | None] = [None] * len(texts)
@@ -74,8 +76,8 @@ async def embed_batch(request: web.Request) -> web.Response:
         result = await svc.scheduler.embed([texts[i] for i in wanted])
         for row, i in enumerate(wanted):
             out[i] = {"embedding": _vector(result.vectors[row]), "model": result.model,
-                      "truncated": result.truncated[row]}
-        headers = timing_headers(result.timing)
+                      "fingerprint": result.fingerprint, "truncated": result.truncated[row]}
+        headers = embedding_headers(result.timing, result.fingerprint)
     return web.json_response(out, headers=headers)
 
 
@@ -93,8 +95,8 @@ async def rerank(request: web.Request) -> web.Response:
     files, texts = _qmd_documents(docs, svc.limits)
     result = await svc.scheduler.rerank(query, texts)
     results = [
-        {"file": files[i], "score": result.scores[i], "index": i,
-         "truncated": result.truncated[i]}
+        {"file": files[i], "score": result.scores[i], "relevance_score": result.scores[i],
+         "index": i, "truncated": result.truncated[i]}
         for i in range(len(texts))
     ]
     results.sort(key=lambda r: r["score"], reverse=True)
@@ -144,9 +146,22 @@ async def expand(request: web.Request) -> web.Response:
 
 
 @routes.post("/tokenize")
+@routes.post("/v1/tokenize")
 async def tokenize(request: web.Request) -> web.Response:
+    """QMD's {"text"} -> {"tokens": count}; vLLM's {"model", "prompt", "add_special_tokens"}
+    -> {"tokens": [ids], "count", "max_model_len"}, by the named model's tokenizer (the
+    embedding model's when the name is not one of ours)."""
     svc = services(request)
     body = await read_object(request)
-    text = text_field(body, "text", svc.limits, MSG_TEXT)
-    counts = await svc.scheduler.count_tokens("embed", [text])
-    return web.json_response({"tokens": counts[0]})
+    if "prompt" not in body:
+        text = text_field(body, "text", svc.limits, MSG_TEXT)
+        counts = await svc.scheduler.count_tokens("embed", [text])
+        return web.json_response({"tokens": counts[0]})
+    prompt = text_field(body, "prompt", svc.limits)
+    assert prompt is not None
+    add_special = optional_bool(body, "add_special_tokens", True)
+    name = body.get("model")
+    task = next((t for t in ("embed", "rerank", "expand")
+                 if isinstance(name, str) and name == svc.scheduler.model_name(t)), "embed")
+    ids, n_ctx = await svc.scheduler.token_ids(task, prompt, add_special)
+    return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": n_ctx})

@@ -51,3 +51,8 @@ def timing_headers(timing: Timing) -> dict[str, str]:
         "x-load-time": f"{timing.load * 1000:.1f}",
         "x-inference-time": f"{timing.inference * 1000:.1f}",
     }
+
+
+def embedding_headers(timing: Timing, fingerprint: str) -> dict[str, str]:
+    """Timing headers, and the identity of the vectors (models/fingerprint.py)."""
+    return timing_headers(timing) | {"X-Embedding-Fingerprint": fingerprint}

@@ -20,6 +20,7 @@ from npuserve.daemon.errors import InvalidRequest
 class Limits:
     max_batch: int
     max_text_chars: int
+    max_tokens: int = 1024  # generated per chat or completion request
 
 
 def _reject_constant(name: str) -> Any:

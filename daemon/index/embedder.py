@@ -16,6 +16,10 @@ from npuserve.daemon.sched.scheduler import Scheduler
 
 log = logging.getLogger("npuserve.embedder")
 
+# One background call runs about this long at most (by the model's measured cost): a call
+# already running is not interrupted, so this is what an interactive request may wait for.
+BACKGROUND_CALL_SECONDS = 1.0
+
 
 def document_text(title: str, chunk: str) -> str:
     """QMD's document format for embedding."""
@@ -75,10 +79,12 @@ class Embedder:
         pending = await self.store.pending_chunks(self.batch)
         if not pending:
             return False
-        ids = [p[0] for p in pending]
         texts = [document_text(p[2], p[3]) for p in pending]
+        keep = self.scheduler.texts_within("embed", texts, BACKGROUND_CALL_SECONDS)
+        pending, texts = pending[:keep], texts[:keep]
+        ids = [p[0] for p in pending]
         try:
-            result = await self.scheduler.embed(texts)
+            result = await self.scheduler.embed(texts, background=True)
         except SchedulerError as exc:
             self.failures += 1
             self.last_error = str(exc)

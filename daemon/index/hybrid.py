@@ -6,6 +6,7 @@ Constants are QMD's (see ../shared/spec/qmd-remote-protocol.md).
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,12 @@ RANK12_BONUS = 0.02
 RERANK_CANDIDATES = 40
 STRONG_SCORE = 0.85
 STRONG_GAP = 0.15
+# Rerank within a time budget: each candidate is cut to its best-matching window; when even
+# windows of MIN_WINDOW_CHARS do not fit, fewer candidates are reranked (never fewer than
+# the results asked for).
+MIN_WINDOW_CHARS = 400
+CANDIDATE_STEPS = (40, 30, 20, 10)
+_TERM = re.compile(r"\w{3,}")
 T = TypeVar("T")
 
 
@@ -71,9 +78,41 @@ def strong_signal(hits: list[search.Hit]) -> bool:
     return hits[0].score - second >= STRONG_GAP
 
 
+def best_window(text: str, terms: set[str], chars: int) -> str:
+    """The `chars`-long stretch of `text` where the query's terms occur most (the earliest
+    of equals); the whole text when it is short enough or `chars` is 0."""
+    if not chars or len(text) <= chars:
+        return text
+    lower = text.lower()
+    step = max(1, chars // 4)
+    best, best_at = -1, 0
+    for start in range(0, len(text) - chars + step, step):
+        window = lower[start:start + chars]
+        hits = sum(window.count(t) for t in terms)
+        if hits > best:
+            best, best_at = hits, start
+    return text[best_at:best_at + chars]
+
+
+def fit_candidates(sched: Scheduler, query: str, docs: list[str], limit: int,
+                   seconds: float) -> tuple[int, int]:
+    """How many of the fused candidates `docs` to rerank, and each one's window in
+    characters (0: whole), so the rerank takes about `seconds` by the reranker's measured
+    cost. Windows before fewer candidates: a candidate left out is never promoted."""
+    if not seconds:
+        return len(docs), 0
+    counts = sorted({min(len(docs), max(n, limit)) for n in CANDIDATE_STEPS}, reverse=True)
+    window = 0
+    for n in counts:
+        window = sched.rerank_window(query, docs[:n], seconds)
+        if window == 0 or window >= MIN_WINDOW_CHARS:
+            return n, window
+    return counts[-1], window
+
+
 async def hybrid_query(store: IndexStorage, sched: Scheduler, query: str, limit: int,
-                       collection: str | None, intent: str | None, body_chars: int = 0
-                       ) -> dict[str, Any]:
+                       collection: str | None, intent: str | None, body_chars: int = 0,
+                       rerank_seconds: float = 0.0) -> dict[str, Any]:
     trace = Trace()
     per_list = max(limit, RERANK_CANDIDATES)
 
@@ -110,10 +149,17 @@ async def hybrid_query(store: IndexStorage, sched: Scheduler, query: str, limit:
 
     texts = await _best_chunks(store, [d for d, _ in fused], lists)
     rerank_query = f"{intent}\n\n{query}" if intent else query
-    reranked = await trace.run(
-        "rerank", lambda: sched.rerank(rerank_query, [texts[d] for d, _ in fused]))
+    count, window = fit_candidates(sched, rerank_query, [texts[d] for d, _ in fused], limit,
+                                   rerank_seconds)
+    terms = set(_TERM.findall(" ".join([query, *lex]).lower()))
+    candidates = fused[:count]
+    docs = [best_window(texts[d], terms, window) for d, _ in candidates]
+    reranked = await trace.run("rerank", lambda: sched.rerank(rerank_query, docs))
+    trace.stages[-1].detail = (f"{count} candidates, "
+                               + (f"windows of {window} chars" if window else "whole chunks"))
     final = []
-    for pos, ((doc, _), rr) in enumerate(zip(fused, reranked.scores, strict=True), start=1):
+    for pos, ((doc, _), rr) in enumerate(zip(candidates, reranked.scores, strict=True),
+                                         start=1):
         w = blend_weight(pos)
         final.append(search.Hit(doc, w * (1.0 / pos) + (1 - w) * rr))
     final.sort(key=lambda h: h.score, reverse=True)

@@ -8,9 +8,14 @@ Results are float32 rows over bytes and plain lists, cheap to send over the pipe
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from npuserve.daemon.models.vector_rows import VectorRows
+
+if TYPE_CHECKING:
+    from npuserve.daemon.worker.protocol import Generate
 
 TASKS = ("embed", "rerank", "expand")
 
@@ -34,6 +39,14 @@ class ExpandOutput:
     lines: list[tuple[str, str]]  # (type, text) with type in lex/vec/hyde
     tokens: int
     raw: str = ""
+
+
+@dataclass
+class GenerateOutput:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" | "length"
 
 
 @dataclass(frozen=True)
@@ -87,5 +100,14 @@ class Backend(abc.ABC):
         """Several expansions in one call; backends that can generate side by side do."""
         return [self.expand(r.query, r.intent, r.include_lexical) for r in requests]
 
+    def generate(self, req: Generate, emit: Callable[[str], None]) -> GenerateOutput:
+        """Free generation with the request's sampling; `emit` gets each piece of text as
+        it is generated when the request streams."""
+        raise BackendError(f"{type(self).__name__} cannot generate")
+
     @abc.abstractmethod
     def count_tokens(self, text: str) -> int: ...
+
+    def token_ids(self, text: str, add_special: bool = True) -> list[int]:
+        """The model's token ids of `text` (vLLM-shaped /tokenize)."""
+        raise BackendError(f"{type(self).__name__} cannot list token ids")

@@ -23,6 +23,27 @@ def expansion_prompt(query: str, intent: str | None = None) -> str:
     return prompt
 
 
+EXPANSION_PREFIXES = ("Expand this search query:", "/no_think Expand this search query:")
+
+
+def is_expansion_request(user_message: str) -> bool:
+    """A chat or completion request that carries QMD's expansion prompt (its own, or the
+    OpenAI-style clients' user message): it gets the lex/vec/hyde grammar."""
+    return user_message.lstrip().startswith(EXPANSION_PREFIXES)
+
+
+def parse_expansion_request(user_message: str) -> tuple[str, str | None]:
+    """(query, intent) of an expansion prompt: `[/no_think ]Expand this search query: <q>`
+    with an optional `\nQuery intent: <i>` line."""
+    text = user_message.lstrip()
+    for prefix in sorted(EXPANSION_PREFIXES, key=len, reverse=True):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+            break
+    query, _, rest = text.partition("\nQuery intent:")
+    return query.strip(), (rest.strip() or None)
+
+
 def expansion_grammar(max_lines: int, max_line_chars: int) -> str:
     """QMD's grammar with `line+` replaced by at most `max_lines` lines of at most
     `max_line_chars` characters, so generation always ends: a small model under

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from npuserve.daemon.config import DEFAULT_RERANK_TEMPLATE, Config, ConfigError, ModelConfig
 from npuserve.daemon.models.backend_api import TASKS
-from npuserve.daemon.models.backends import is_npu_model, kind_for, weight_files
+from npuserve.daemon.models.backends import is_npu_model, kind, kind_for, weight_files
 from npuserve.daemon.models.store import default_for_task
 from npuserve.daemon.worker.protocol import ModelSpec
 
@@ -192,7 +192,26 @@ def plan_models(cfg: Config) -> tuple[dict[str, ModelPlan], dict[str, str]]:
         plan = _add(plans, task, "npu", path, name, mc, options, npu.reason)
         plan.twin = twin.spec.model_id
         task_model[task] = plan.spec.model_id
+    _generation(plans, task_model)
     for plan in plans.values():
         plan.files = weight_files(plan.spec)
     return plans, task_model
 
+
+def _generation(plans: dict[str, ModelPlan], task_model: dict[str, str]) -> None:
+    """Chat and completion endpoints generate with the expansion model where its backend
+    can (its CPU twin too, for when an NPU model falls back)."""
+    expand = plans[task_model["expand"]]
+    twin = plans.get(expand.twin) if expand.twin else None
+    able = [p for p in (expand, twin) if p is not None and _generates(p)]
+    if expand not in able:
+        return
+    task_model["generate"] = expand.spec.model_id
+    for plan in able:
+        if "generate" not in plan.tasks:
+            plan.tasks.append("generate")
+
+
+def _generates(plan: ModelPlan) -> bool:
+    backend = kind(plan.spec.kind)
+    return backend is not None and "generate" in backend.tasks

@@ -78,7 +78,8 @@ class Worker(Protocol):
     @property
     def pid(self) -> int | None: ...
 
-    async def call(self, req: wp.Request, timeout: float | None = None) -> wp.Reply: ...
+    async def call(self, req: wp.Request, timeout: float | None = None,
+                   on_partial: Callable[[wp.Partial], None] | None = None) -> wp.Reply: ...
 
     async def stop(self) -> None: ...
 
@@ -147,7 +148,7 @@ class Lane:
         resident = m.model_id in self.resident
         return QueueView(
             model_id=m.model_id,
-            head=m.queue[0].enqueued if m.queue else None,
+            head=m.queue[0].queued_since if m.queue else None,
             work=m.queued_seconds(),
             swap=costs.swap_seconds(m),
             resident=resident,
@@ -156,6 +157,7 @@ class Lane:
             last_used=m.last_used,
             retry_at=m.backoff.retry_at if m.backoff.waiting(self.ctx.clock.now()) else 0.0,
             probe_at=m.breaker.next_probe() if m.breaker else None,
+            background_only=m.background_only,
         )
 
     def state_of(self, model: ModelState) -> str:
@@ -470,7 +472,7 @@ class Lane:
     # --- running ------------------------------------------------------------------------
 
     async def _run_batch(self, model: ModelState) -> None:
-        other_heads = [m.queue[0].enqueued for m in self.models.values()
+        other_heads = [m.queue[0].queued_since for m in self.models.values()
                        if m is not model and m.queue]
         jobs = self.running = self.ctx.policy.take(model.queue, other_heads)
         delay = jobs[0].not_before - self.ctx.clock.now()
@@ -478,20 +480,70 @@ class Lane:
             await self.ctx.clock.sleep(min(delay, 1.0))
         start = self.ctx.clock.now()
         for job in jobs:
-            job.timing.queued = start - job.enqueued - job.timing.load
+            if not job.done:  # a later slice's wait is not the request's queueing
+                job.timing.queued = start - job.enqueued - job.timing.load
         self.ctx.events["backend_calls"] += 1
         self.ctx.events["coalesced_requests"] += len(jobs) - 1
-        reply = await self._call(model, jobs, start)
-        if reply is not None:
-            await self._answer(model, jobs, reply, self.ctx.clock.now() - start)
+        request = self._slice(model, jobs)
+        reply = await self._call(model, jobs, start, request)
+        if reply is None:
+            return
+        elapsed = self.ctx.clock.now() - start
+        if isinstance(request, wp.Rerank) and isinstance(reply, wp.Scores) and (
+                jobs[0].done or request != jobs[0].request):
+            whole = self._slice_done(model, jobs[0], request, reply, elapsed)
+            if whole is not None:
+                await self._answer(model, jobs, whole, elapsed, measured=True)
+            return
+        await self._answer(model, jobs, reply, elapsed)
 
-    async def _call(self, model: ModelState, jobs: list[Job], start: float) -> wp.Reply | None:
+    def _slice(self, model: ModelState, jobs: list[Job]) -> wp.Request:
+        """The call to make: the batch, or the next slice of one long rerank (so that
+        another model's request waits seconds, not the whole rerank)."""
+        request = merge(jobs)
+        if len(jobs) != 1 or not isinstance(request, wp.Rerank):
+            return request
+        rate = model.task_costs["rerank"].sec_per_token
+        job = jobs[0]
+        per_doc = job.tokens / max(1, len(request.documents) + sum(
+            len(s.scores) for s in job.done))
+        n = self.ctx.policy.rerank_slice(len(request.documents), per_doc, rate)
+        return dataclasses.replace(request, documents=request.documents[:n])
+
+    def _slice_done(self, model: ModelState, job: Job, sent: wp.Rerank, reply: wp.Scores,
+                    elapsed: float) -> wp.Scores | None:
+        """Measure a slice and keep its scores; queue the rest of the rerank again (at the
+        head of its model's queue), or, the last slice done, return the whole reply."""
+        assert isinstance(job.request, wp.Rerank)
+        # The slice's own characters: the job's would make a slice's tokens per character
+        # look a fraction of what the tokenizer makes.
+        chars = (len(sent.query) + len(sent.instruction)
+                 + sum(len(d) for d in sent.documents))
+        self.observe(model, [job], reply.tokens, elapsed, chars)
+        job.done.append(reply)
+        left = job.request.documents[len(sent.documents):]
+        if not left:
+            return wp.Scores(tuple(s for part in job.done for s in part.scores),
+                             tuple(t for part in job.done for t in part.truncated),
+                             sum(part.tokens for part in job.done),
+                             sum(part.seconds for part in job.done))
+        model.last_used = self.ctx.clock.now()
+        job.request = dataclasses.replace(job.request, documents=left)
+        job.turn = self.ctx.clock.now()
+        if not job.future.done():
+            model.queue.appendleft(job)
+        self.batch_ended = self.ctx.clock.now()
+        return None
+
+    async def _call(self, model: ModelState, jobs: list[Job], start: float,
+                    request: wp.Request) -> wp.Reply | None:
         """The batch's backend call; None when the worker was lost (its jobs were then
         retried, moved to the CPU twin or failed)."""
         abandoned = self._interrupt_when_abandoned(jobs)
         try:
-            return await self.worker.call(merge(jobs),
-                                          timeout=costs.run_allowance(model, jobs, start))
+            return await self.worker.call(request,
+                                          timeout=costs.run_allowance(model, jobs, start),
+                                          on_partial=_stream_to(jobs))
         except (WorkerDied, WorkerTimeout) as exc:
             self._worker_lost(str(exc))
             if not await self._npu_failed(model, jobs, str(exc)):
@@ -501,7 +553,7 @@ class Lane:
             abandoned.cancel()
 
     async def _answer(self, model: ModelState, jobs: list[Job], reply: wp.Reply,
-                      elapsed: float) -> None:
+                      elapsed: float, measured: bool = False) -> None:
         """Measure the call, then give each job its share of the reply."""
         model.last_used = self.ctx.clock.now()
         if isinstance(reply, wp.Failure) and reply.kind == "cancelled":
@@ -514,7 +566,7 @@ class Lane:
             return
         if model.breaker is not None:
             model.breaker.call_succeeded()
-        if not isinstance(reply, wp.Failure):
+        if not isinstance(reply, wp.Failure) and not measured:
             # Only calls that ran are measured: a refused one (too long for the context)
             # answers in milliseconds and would make the model look fast.
             self.observe(model, jobs, reply_tokens(reply), elapsed)
@@ -534,9 +586,10 @@ class Lane:
 
         return asyncio.create_task(watch())
 
-    def observe(self, model: ModelState, jobs: list[Job], tokens: int, seconds: float) -> None:
+    def observe(self, model: ModelState, jobs: list[Job], tokens: int, seconds: float,
+                chars: int | None = None) -> None:
         model.task_costs[jobs[0].task].observe_call(
-            tokens, seconds, sum(j.chars for j in jobs), len(jobs))
+            tokens, seconds, sum(j.chars for j in jobs) if chars is None else chars, len(jobs))
         self.ctx.calibration.note_call()
 
     async def _npu_failed(self, model: ModelState, jobs: list[Job], reason: str) -> bool:
@@ -568,7 +621,7 @@ class Lane:
             job.attempts += 1
             if job.future.done():
                 continue
-            if job.attempts < 2 and now + expected < job.deadline:
+            if job.attempts < 2 and now + expected < job.deadline and not job.streamed:
                 job.not_before = now + 0.05 * 2 ** job.attempts  # back off a little
                 model.queue.appendleft(job)
                 self.ctx.events["retries"] += 1
@@ -578,6 +631,21 @@ class Lane:
             else:
                 job.future.set_exception(BackendFailed(
                     f"model worker crashed twice on this request ({exc}); it was restarted"))
+
+
+def _stream_to(jobs: list[Job]) -> Callable[[wp.Partial], None] | None:
+    """Where a streamed call's pieces go: its one job's client (generations run alone)."""
+    job = jobs[0]
+    sink = job.on_partial
+    if len(jobs) != 1 or sink is None:
+        return None
+
+    def deliver_piece(piece: wp.Partial) -> None:
+        if not job.future.done():
+            job.streamed = True
+            sink(piece.text)
+
+    return deliver_piece
 
 
 def reply_tokens(reply: wp.Reply) -> int:

@@ -69,19 +69,37 @@ class ModelState:
         return self.breaker is not None and self.breaker.tripped
 
     def head_age(self, now: float) -> float:
-        return now - self.queue[0].enqueued if self.queue else 0.0
+        return now - self.queue[0].queued_since if self.queue else 0.0
 
     def queued_items(self) -> int:
         return sum(j.items for j in self.queue)
+
+    def enqueue(self, job: Job) -> None:
+        """Queue `job`: an interactive one ahead of queued background work, each in the
+        order it came."""
+        if not job.background:
+            for i, queued in enumerate(self.queue):
+                if queued.background:
+                    self.queue.insert(i, job)
+                    return
+        self.queue.append(job)
+
+    @property
+    def background_only(self) -> bool:
+        """Something is queued, and all of it is background work."""
+        return bool(self.queue) and all(j.background for j in self.queue)
 
     def service_seconds(self, task: str, tokens: float) -> float | None:
         costs = self.task_costs.get(task)
         return costs.service_seconds(tokens) if costs else None
 
-    def queued_seconds(self) -> float | None:
-        """Calibrated time to run everything queued; None if any task is unmeasured."""
+    def queued_seconds(self, interactive_only: bool = False) -> float | None:
+        """Calibrated time to run everything queued (or its interactive part); None if any
+        task is unmeasured."""
         total = 0.0
         for job in self.queue:
+            if interactive_only and job.background:
+                continue
             cost = self.service_seconds(job.task, job.tokens)
             if cost is None:
                 return None

@@ -26,6 +26,10 @@ AGING_SWAP_FACTOR = 10.0
 MIN_SWAP_SECONDS = 0.05
 # Waiting for a batch's follow-ups costs at most this share of the swap it may save.
 ANTICIPATE_SWAP_SHARE = 0.25
+# A long rerank runs in slices of about this many seconds (at least one document each):
+# another request waits for one slice, not the whole rerank. Each slice evaluates the
+# query's prefix again (~100 tokens beside a QMD chunk's ~900).
+RERANK_SLICE_SECONDS = 5.0
 
 
 # --- what the policy sees ---------------------------------------------------------------
@@ -45,6 +49,8 @@ class QueueView:
     last_used: float = 0.0
     retry_at: float = 0.0  # a failed load is retried from then on
     probe_at: float | None = None  # tripped NPU model: when it may be probed again
+    background_only: bool = False  # all it has queued is background work
+
 
     @property
     def waiting(self) -> bool:
@@ -143,7 +149,10 @@ class Policy:
         waiting = [m for m in view.models if m.waiting]
         if not waiting:
             return self._idle(view, now)
-        model = self.pick(view, waiting, now)
+        # Priority: background work (the index's embedding) runs, and makes a model load,
+        # only while no interactive request waits on this device.
+        interactive = [m for m in waiting if not m.background_only]
+        model = self.pick(view, interactive or waiting, now)
         wait = self.anticipation(view, model, now)
         if wait > 0:
             return Wait(wait, model.model_id)
@@ -164,6 +173,15 @@ class Policy:
     def joins_batch(self, job: Job, other_heads: Sequence[float]) -> bool:
         """May `job` join the batch being taken, given the other models' oldest requests?"""
         return True
+
+    def rerank_slice(self, documents: int, tokens_per_document: float,
+                     sec_per_token: float | None) -> int:
+        """How many of a rerank's documents the next call takes: those that run within
+        RERANK_SLICE_SECONDS by the measured cost (all while unmeasured), at least one."""
+        if sec_per_token is None or tokens_per_document <= 0:
+            return documents
+        fit = int(RERANK_SLICE_SECONDS / (sec_per_token * tokens_per_document))
+        return max(1, min(documents, fit))
 
     def passes_other_tasks(self) -> bool:
         """May a batch of expansions take expansions queued behind another task's request?"""
@@ -228,6 +246,8 @@ class Policy:
             total = first.items
             while queue and isinstance(queue[0].request, wp.Embed):
                 nxt = queue[0]
+                if nxt.background and not first.background:
+                    break  # an interactive call is not made longer by background texts
                 if (total + nxt.items > self.settings.coalesce_texts
                         or not self.joins_batch(nxt, other_heads)):
                     break

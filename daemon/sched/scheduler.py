@@ -16,7 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 from npuserve.daemon.config import TASK_CTX_DEFAULT, Config
-from npuserve.daemon.errors import ModelUnavailable, Overloaded, ShuttingDown
+from npuserve.daemon.errors import ModelUnavailable, NotSupported, Overloaded, ShuttingDown
+from npuserve.daemon.models.fingerprint import DigestCache
 from npuserve.daemon.models.registry import ModelPlan
 from npuserve.daemon.sched import costs
 from npuserve.daemon.sched.breaker import NpuBreaker
@@ -32,6 +33,8 @@ from npuserve.daemon.sched.views import (
     DeviceView,
     EmbedResult,
     ExpandResult,
+    GenerateRequest,
+    GenerateResult,
     ModelView,
     RerankResult,
     SchedulerSnapshot,
@@ -51,10 +54,12 @@ class Scheduler:
                  settings: SchedulerSettings, calibration: CalibrationStore, *,
                  worker_factory: WorkerFactory | None = None, clock: Clock | None = None,
                  memory_probe: Callable[[], int] = mem_available,
-                 log_level: int = logging.INFO) -> None:
+                 log_level: int = logging.INFO, digests: DigestCache | None = None) -> None:
         self.plans = plans
         self.task_model = task_model
         self.calibration = calibration
+        self.digests = digests or DigestCache(None)
+        self._fingerprint: str | None = None
         make_worker = worker_factory or (lambda device: WorkerHandle(device, log_level))
         self.ctx = LaneContext(
             settings=settings, policy=make_policy(settings), clock=clock or MonotonicClock(),
@@ -79,7 +84,8 @@ class Scheduler:
                     log_level: int = logging.INFO, **kwargs: Any) -> Scheduler:
         return cls(plans, task_model, SchedulerSettings.from_config(cfg),
                    CalibrationStore(cfg.state_dir / "calibration.json"),
-                   log_level=log_level, **kwargs)
+                   log_level=log_level, digests=DigestCache(cfg.state_dir / "fingerprints.json"),
+                   **kwargs)
 
     @property
     def settings(self) -> SchedulerSettings:
@@ -149,7 +155,7 @@ class Scheduler:
             job.request = retarget(job.request, twin.model_id)
             job.attempts = 0
         twin.queue = collections.deque(sorted(list(twin.queue) + moved,
-                                              key=lambda j: j.enqueued))
+                                              key=lambda j: (j.background, j.enqueued)))
         self._lane(twin).wake.set()
         self._lane(model).wake.set()  # its probe is now due some time: re-plan the sleep
         if first:
@@ -166,13 +172,15 @@ class Scheduler:
 
     # --- admission ----------------------------------------------------------------------
 
-    def _wait_before(self, lane: Lane, model: ModelState) -> float | None:
+    def _wait_before(self, lane: Lane, model: ModelState, background: bool
+                     ) -> float | None:
         """Seconds of work queued on the lane ahead of a new request for `model` (loads
-        included); None while any of it is uncalibrated."""
+        included; background work only ahead of background work); None while any of it is
+        uncalibrated."""
         total = 0.0
         for m in lane.models.values():
-            if m.queue:
-                queued = m.queued_seconds()
+            if m.queue and (background or not m.background_only):
+                queued = m.queued_seconds(interactive_only=not background)
                 if queued is None:
                     return None
                 total += queued
@@ -182,7 +190,7 @@ class Scheduler:
             total += costs.swap_seconds(model)
         return total
 
-    def _admit(self, task: str, work: Work) -> Admission:
+    def _admit(self, task: str, work: Work, background: bool = False) -> Admission:
         """The model to queue on, the request's token estimate, the cap its documents are
         cut to (to fit the deadline instead of being refused) and its deadline - or a
         SchedulerError at once."""
@@ -197,7 +205,7 @@ class Scheduler:
                                    retry_after=model.backoff.retry_at - now)
         queued = sum(m.queued_items() for m in lane.models.values())
         sizer = Sizer(model.task_costs[task], model.plan.spec.n_ctx or TASK_CTX_DEFAULT[task])
-        wait = self._wait_before(lane, model)
+        wait = self._wait_before(lane, model, background)
         rate = model.task_costs[task].sec_per_token
         cap = sizer.fit(work, wait, rate, FIT_SHARE * settings.request_timeout)
         tokens = sizer.tokens(work, cap)
@@ -218,14 +226,18 @@ class Scheduler:
         return Admission(model, lane, tokens, cap,
                          now + costs.deadline_for(settings, expected, cold))
 
-    async def _submit(self, task: str, make: Callable[[str, int], wp.Request], work: Work
-                      ) -> tuple[Any, Timing]:
-        admitted = self._admit(task, work)
+    async def _submit(self, task: str, make: Callable[[str, int], wp.Request], work: Work,
+                      background: bool = False,
+                      on_partial: Callable[[str], None] | None = None) -> tuple[Any, Timing]:
+        admitted = self._admit(task, work, background)
         job = Job(task, make(admitted.model.model_id, admitted.cap), work.items,
                   self.ctx.clock.now(), admitted.deadline,
                   asyncio.get_running_loop().create_future(), tokens=admitted.tokens,
-                  chars=work.total_chars)
-        admitted.model.queue.append(job)
+                  # A generation's tokens are mostly generated: its prompt's characters say
+                  # nothing of the tokenizer, so they do not calibrate tokens per character.
+                  chars=0 if work.generated else work.total_chars, background=background,
+                  on_partial=on_partial)
+        admitted.model.enqueue(job)
         admitted.lane.wake.set()
         try:
             reply = await job.future
@@ -236,13 +248,56 @@ class Scheduler:
 
     # --- the calls ----------------------------------------------------------------------
 
-    async def embed(self, texts: list[str]) -> EmbedResult:
+    def rerank_window(self, query: str, documents: list[str], seconds: float) -> int:
+        """Characters of each document with which one rerank call of `documents` runs in
+        about `seconds` by the reranker's measured cost; 0: whole documents fit (or the
+        cost is not measured yet)."""
+        model = self._serving("rerank")
+        costs_ = model.task_costs["rerank"]
+        instruction = str(model.plan.spec.option("instruction", ""))
+        work = Work(len(documents), tuple(len(d) for d in documents),
+                    prefix_chars=len(query) + len(instruction), cuttable=True)
+        sizer = Sizer(costs_, model.plan.spec.n_ctx or TASK_CTX_DEFAULT["rerank"])
+        cap = sizer.fit(work, 0.0, costs_.sec_per_token, seconds)
+        tokens_per_char = costs_.tokens_for(1_000_000) / 1_000_000
+        return int(cap / tokens_per_char) if cap else 0
+
+    def texts_within(self, task: str, texts: list[str], seconds: float) -> int:
+        """How many of `texts`, from the first, one call of `task` runs in about `seconds`
+        by the serving model's measured cost (at least one; all while unmeasured)."""
+        model = self._serving(task)
+        costs_ = model.task_costs[task]
+        if costs_.sec_per_token is None:
+            return len(texts)
+        sizer = Sizer(costs_, model.plan.spec.n_ctx or TASK_CTX_DEFAULT[task])
+        spent = 0.0
+        for n, text in enumerate(texts):
+            spent += costs_.sec_per_token * sizer.tokens(Work(1, (len(text),)))
+            if spent > seconds:
+                return max(1, n)
+        return len(texts)
+
+    async def embedding_fingerprint(self) -> str:
+        """The identity of the vectors /embed gives: the digest of the embedding model's
+        files (of the configured model: its CPU twin serves its vectors when it falls
+        back), read once, off the event loop."""
+        if self._fingerprint is None:
+            plan = self._primary("embed").plan
+            if plan.files:
+                self._fingerprint = await asyncio.to_thread(self.digests.digest, plan.files)
+            else:  # a remote server's model: its name is all there is to know
+                self._fingerprint = f"{plan.spec.kind}:{plan.name}"
+        return self._fingerprint
+
+    async def embed(self, texts: list[str], background: bool = False) -> EmbedResult:
+        """Vectors of `texts`. `background`: work nobody waits for (the index's own
+        embedding), run when no interactive request waits on the device."""
         work = Work(len(texts), tuple(len(t) for t in texts))
         reply, timing = await self._submit(
-            "embed", lambda mid, _: wp.Embed(mid, tuple(texts)), work)
+            "embed", lambda mid, _: wp.Embed(mid, tuple(texts)), work, background)
         assert isinstance(reply, wp.Vectors)
         return EmbedResult(reply.rows(), list(reply.truncated), reply.tokens, timing,
-                           self.model_name("embed"))
+                           self.model_name("embed"), await self.embedding_fingerprint())
 
     async def rerank(self, query: str, documents: list[str], instruction: str | None = None
                      ) -> RerankResult:
@@ -257,6 +312,27 @@ class Scheduler:
         return RerankResult(list(reply.scores), list(reply.truncated), reply.tokens, timing,
                             self.model_name("rerank"))
 
+    async def generate(self, request: GenerateRequest,
+                       on_piece: Callable[[str], None] | None = None) -> GenerateResult:
+        """Free generation on the expansion model; `on_piece` (streaming) gets the text
+        as it is generated. Runs alone (never merged with another call)."""
+        if "generate" not in self.task_model:
+            raise NotSupported(
+                f"the expansion model {self.model_name('expand')} cannot generate text"
+                " through its backend")
+        work = Work(1, (), prefix_chars=request.chars, generated=request.max_tokens)
+
+        def make(mid: str, _cap: int) -> wp.Request:
+            return wp.Generate(mid, request.messages, request.prompt, request.max_tokens,
+                               request.temperature, request.top_p, request.top_k,
+                               request.seed, request.stop, request.grammar,
+                               request.json_schema, on_piece is not None)
+
+        reply, timing = await self._submit("generate", make, work, on_partial=on_piece)
+        assert isinstance(reply, wp.Generated)
+        return GenerateResult(reply.text, reply.prompt_tokens, reply.completion_tokens,
+                              reply.finish_reason, timing, self.model_name("generate"))
+
     async def expand(self, query: str, intent: str | None, include_lexical: bool
                      ) -> ExpandResult:
         work = Work(1, (), prefix_chars=len(query) + len(intent or ""),
@@ -269,16 +345,29 @@ class Scheduler:
     async def count_tokens(self, task: str, texts: list[str]) -> list[int]:
         """Token counts from the task's tokenizer, without loading or swapping its model."""
         model = self._serving(task)
+        reply = await self._light(model, wp.CountTokens(model.plan.spec, tuple(texts)),
+                                  len(texts))
+        assert isinstance(reply, wp.TokenCounts)
+        return list(reply.counts)
+
+    async def token_ids(self, task: str, text: str, add_special: bool = True
+                        ) -> tuple[list[int], int]:
+        """The task model's token ids of `text` and its context length, without loading or
+        swapping the model."""
+        model = self._serving(task)
+        reply = await self._light(model, wp.TokenIdsOf(model.plan.spec, text, add_special), 1)
+        assert isinstance(reply, wp.TokenIds)
+        return list(reply.ids), model.plan.spec.n_ctx or TASK_CTX_DEFAULT[task]
+
+    async def _light(self, model: ModelState, request: wp.Request, items: int) -> wp.Reply:
+        """A tokenizer call, run between batches (no model needs to be loaded for it)."""
         lane = self._lane(model)
         now = self.ctx.clock.now()
-        job = Job("tokenize", wp.CountTokens(model.plan.spec, tuple(texts)), len(texts), now,
-                  now + self.ctx.settings.request_timeout,
+        job = Job("tokenize", request, items, now, now + self.ctx.settings.request_timeout,
                   asyncio.get_running_loop().create_future())
         lane.light.append(job)
         lane.wake.set()
-        reply = await job.future
-        assert isinstance(reply, wp.TokenCounts)
-        return list(reply.counts)
+        return await job.future
 
     async def control(self, action: str, name: str) -> str:
         """Preload ("load") or unload a model by task, name or id; its state afterwards.

@@ -17,6 +17,7 @@ class EmbedResult:
     tokens: int
     timing: Timing
     model: str
+    fingerprint: str = ""  # of the embedding model's files (models/fingerprint.py)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,36 @@ class RerankResult:
 @dataclass(frozen=True)
 class ExpandResult:
     lines: list[tuple[str, str]]
+    timing: Timing
+    model: str
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """A chat or completion request, whatever API shape it came in."""
+
+    messages: tuple[tuple[str, str], ...] = ()  # (role, content); empty: `prompt` as is
+    prompt: str = ""
+    max_tokens: int = 256
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    seed: int = -1
+    stop: tuple[str, ...] = ()
+    grammar: str = ""  # GBNF
+    json_schema: str = ""  # a JSON schema the output must follow ("{}": any JSON object)
+
+    @property
+    def chars(self) -> int:
+        return len(self.prompt) + sum(len(c) for _, c in self.messages)
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" | "length"
     timing: Timing
     model: str
 

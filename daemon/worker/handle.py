@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 
 from npuserve.daemon.worker import cancel
@@ -56,8 +57,10 @@ class WorkerHandle:
         self._proc, self._conn = proc, conn
         log.info("worker for %s started (pid %s)", self.device, proc.pid)
 
-    async def call(self, req: wp.Request, timeout: float | None = None) -> wp.Reply:
-        """Send one request and wait for its reply off the event loop.
+    async def call(self, req: wp.Request, timeout: float | None = None,
+                   on_partial: Callable[[wp.Partial], None] | None = None) -> wp.Reply:
+        """Send one request and wait for its reply off the event loop; `on_partial` gets
+        each piece of a streamed generation, on the event loop, as it arrives.
 
         Raises WorkerDied if the process ends and WorkerTimeout (after killing
         the process) if the deadline passes: a hung native call cannot be
@@ -74,10 +77,17 @@ class WorkerHandle:
             except (BrokenPipeError, OSError) as exc:
                 self._reap()
                 raise WorkerDied(f"{self.device} worker pipe closed: {exc}") from exc
-            return await asyncio.to_thread(self._receive, conn, proc, timeout)
+            loop = asyncio.get_running_loop()
+
+            def partial(piece: wp.Partial) -> None:
+                if on_partial is not None:
+                    loop.call_soon_threadsafe(on_partial, piece)
+
+            return await asyncio.to_thread(self._receive, conn, proc, timeout, partial)
 
     def _receive(
-        self, conn: Connection, proc: WorkerProcess, timeout: float | None
+        self, conn: Connection, proc: WorkerProcess, timeout: float | None,
+        partial: Callable[[wp.Partial], None]
     ) -> wp.Reply:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -87,9 +97,14 @@ class WorkerHandle:
             ready = wait([conn] if proc.sentinel is None else [conn, proc.sentinel], remaining)
             if conn in ready:
                 try:
-                    return conn.recv()
+                    reply = conn.recv()
                 except (EOFError, OSError):
                     pass  # the process died mid-reply; fall through to the death path
+                else:
+                    if isinstance(reply, wp.Partial):
+                        partial(reply)
+                        continue
+                    return reply
             if ready or not proc.is_alive():
                 proc.join(1)
                 code = proc.exitcode

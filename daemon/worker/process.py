@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from npuserve.daemon.models.backend_api import Backend, BackendError, ExpandRequest, ModelLoadError
@@ -41,7 +42,8 @@ def build_backend(spec: wp.ModelSpec) -> Backend:
 
 
 class Worker:
-    def __init__(self) -> None:
+    def __init__(self, send: Callable[[wp.Reply | wp.Partial], None] | None = None) -> None:
+        self.send = send
         self.loaded: dict[str, Backend] = {}
         # Tokenizer-only backends, so counting tokens never forces a model swap.
         self.tokenizers: dict[str, Backend] = {}
@@ -72,6 +74,9 @@ class Worker:
         if isinstance(req, wp.CountTokens):
             tok = self.loaded.get(req.spec.model_id) or self._tokenizer(req.spec)
             return wp.TokenCounts(tuple(tok.count_tokens(t) for t in req.texts))
+        if isinstance(req, wp.TokenIdsOf):
+            tok = self.loaded.get(req.spec.model_id) or self._tokenizer(req.spec)
+            return wp.TokenIds(tuple(tok.token_ids(req.text, req.add_special)))
         backend = self.loaded.get(req.model_id)
         if backend is None:
             return wp.Failure(f"model {req.model_id} is not loaded", kind="not_loaded")
@@ -86,6 +91,10 @@ class Worker:
         if isinstance(req, wp.Expand):
             e = backend.expand(req.query, req.intent, req.include_lexical)
             return wp.Lines(tuple(e.lines), e.tokens, _since(start))
+        if isinstance(req, wp.Generate):
+            g = backend.generate(req, self.emit)
+            return wp.Generated(g.text, g.prompt_tokens, g.completion_tokens, g.finish_reason,
+                                _since(start))
         if isinstance(req, wp.ExpandMany):
             outs = backend.expand_many([ExpandRequest(r.query, r.intent, r.include_lexical)
                                         for r in req.requests])
@@ -93,6 +102,11 @@ class Worker:
             return wp.LinesMany(tuple(wp.Lines(tuple(e.lines), e.tokens, seconds)
                                       for e in outs))
         return wp.Failure(f"unknown request {type(req).__name__}", kind="bad_request")
+
+    def emit(self, text: str) -> None:
+        """A piece of a streamed generation, sent ahead of the call's reply."""
+        if self.send is not None and text:
+            self.send(wp.Partial(text))
 
     def _load(self, spec: wp.ModelSpec) -> wp.Reply:
         before = rss_bytes()
@@ -131,7 +145,7 @@ def worker_main(conn: Connection, log_level: int = logging.INFO) -> None:
     # The daemon handles SIGINT/SIGTERM and tells us to stop by closing the pipe.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     cancel.install()
-    worker = Worker()
+    worker = Worker(conn.send)
     while True:
         try:
             req = conn.recv()

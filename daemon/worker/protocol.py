@@ -78,9 +78,39 @@ class ExpandMany:
 
 
 @dataclass(frozen=True)
+class Generate:
+    """Free generation (chat or completion endpoints) with the client's sampling.
+
+    `messages` (role, content) are rendered with the model's own chat template; without
+    them `prompt` is used as it is. `grammar` is GBNF, `json_schema` a JSON schema (the
+    backend turns it into a grammar); with `stream`, pieces of text are sent as Partial
+    replies before the Generated one."""
+
+    model_id: str
+    messages: tuple[tuple[str, str], ...] = ()
+    prompt: str = ""
+    max_tokens: int = 256
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    seed: int = -1
+    stop: tuple[str, ...] = ()
+    grammar: str = ""
+    json_schema: str = ""  # "{}": any JSON object
+    stream: bool = False
+
+
+@dataclass(frozen=True)
 class CountTokens:
     spec: ModelSpec  # the tokenizer alone is used; the model need not be loaded
     texts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TokenIdsOf:
+    spec: ModelSpec  # the tokenizer alone is used, as for CountTokens
+    text: str
+    add_special: bool = True
 
 
 @dataclass(frozen=True)
@@ -88,7 +118,8 @@ class Stats:
     pass
 
 
-Request = Load | Unload | Embed | Rerank | Expand | ExpandMany | CountTokens | Stats
+Request = (Load | Unload | Embed | Rerank | Expand | ExpandMany | Generate | CountTokens
+           | TokenIdsOf | Stats)
 
 # --- replies --------------------------------------------------------------
 
@@ -150,8 +181,33 @@ class LinesMany:
 
 
 @dataclass(frozen=True)
+class Partial:
+    """A piece of a streamed generation; more replies follow on the same call."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Generated:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of generation or a stop string) | "length"
+    seconds: float
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
 class TokenCounts:
     counts: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    ids: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -169,5 +225,5 @@ class Failure:
     kind: str = "backend"  # backend | bad_request | not_loaded | unavailable | cancelled
 
 
-Reply = (Loaded | Unloaded | Vectors | Scores | Lines | LinesMany | TokenCounts | WorkerStats
-         | Failure)
+Reply = (Loaded | Unloaded | Vectors | Scores | Lines | LinesMany | Generated | TokenCounts
+         | TokenIds | WorkerStats | Failure)
