@@ -9,6 +9,7 @@ being silently ignored.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import socket
 import tomllib
@@ -233,6 +234,11 @@ def _parse_text(path: str, key: Key, text: str) -> Any:
                 return False
             raise ValueError(text)
         if key.type is list:  # NPUSERVE_SERVER_CORS_ORIGINS="https://a,https://b"
+            if text.lstrip().startswith("["):  # or as TOML/JSON writes it: ["a", "b"]
+                items = json.loads(text)
+                if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+                    raise ValueError(text)
+                return items
             return [item.strip() for item in text.split(",") if item.strip()]
         return key.type(text)
     except ValueError:

@@ -44,6 +44,7 @@ def txt_properties(cfg: Config, scheduler: Scheduler) -> dict[str, str]:
         "auth": "1" if cfg.server.api_key else "0",
         "timeout": str(int(snap.recommended_timeout + 0.999)),
         "index": "1" if cfg.index.enabled else "0",
+        **({"efp": scheduler.known_fingerprint} if scheduler.known_fingerprint else {}),
     }
 
 
@@ -55,6 +56,7 @@ async def _advertise(cfg: Config, scheduler: Scheduler, host: str, port: int) ->
         log.info("mDNS: not advertising, %s is loopback-only (set server.host to listen"
                  " on the LAN)", host)
         return None
+    await scheduler.embedding_fingerprint()  # in the first record, not an update later
     advertiser = Advertiser(cfg.server.name, host, port,
                             lambda: txt_properties(cfg, scheduler))
     try:

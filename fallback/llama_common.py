@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -57,25 +58,38 @@ def runnable_elsewhere(proc: Path = PROC, samples: int = 3) -> int:
     return min(seen) if seen else 0
 
 
-_cached: dict[str, tuple[float, int]] = {}
+class _BusyWatch:
+    """Counts other processes' runnable threads once a second on a thread of its own, so a
+    call reads the figure without waiting for a scan of /proc (~10 ms)."""
+
+    def __init__(self, proc: Path) -> None:
+        self.proc = proc
+        self.busy = runnable_elsewhere(proc)
+        threading.Thread(target=self._run, name="busy-watch", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(1.0)
+            self.busy = runnable_elsewhere(self.proc)
+
+
+_watches: dict[Path, _BusyWatch] = {}
+_watch_lock = threading.Lock()
 
 
 def threads_now(limit: int, proc: Path | None = None) -> int:
     """Threads for the next call: `limit`, less the cores other processes are using
-    (looked at once a second at most).
+    (as seen within the last second).
 
     llama.cpp's threads meet at a barrier every layer; when another process holds a core,
     the thread that shares it arrives late to every one of them. Measured here with two
     busy processes on two cores: 40 generated tokens took 12.2 s on two threads and 1.9 s
     on one; a 500-token prompt 16.8 s and 8.9 s."""
-    now = time.monotonic()
-    key = str(proc)
-    at, busy = _cached.get(key, (-1e9, 0))
-    if now - at > 1.0:
-        busy = runnable_elsewhere(proc or PROC)
-        _cached[key] = (now, busy)
+    root = proc or PROC
+    with _watch_lock:
+        watch = _watches.get(root) or _watches.setdefault(root, _BusyWatch(root))
     cores = thread_count(0)
-    return max(1, min(limit, cores - busy))
+    return max(1, min(limit, cores - watch.busy))
 
 
 def set_threads(lib: Any, ctx: Any, requested: int) -> int:

@@ -249,3 +249,77 @@ async def test_vllm_tokenize_gives_ids_and_qmd_tokenize_a_count(client, path):
     assert with_special["count"] == body["count"] + 2 == qmd["tokens"]  # [CLS] ... [SEP]
     assert with_special["tokens"][1:-1] == body["tokens"]
     assert with_special["max_model_len"] == 512
+
+
+# --- embedding identity ---------------------------------------------------------------------
+
+
+async def test_every_embedding_path_and_listing_carries_one_fingerprint(client):
+    health = await (await client.get("/health")).json()
+    fp = health["fingerprints"]["embed"]
+    assert fp.startswith("sha256:") and len(fp) == len("sha256:") + 16
+    seen = set()
+    resp = await client.post("/embed", json={"text": "a"})
+    seen |= {(await resp.json())["fingerprint"], resp.headers["X-Embedding-Fingerprint"]}
+    batch = await client.post("/embed-batch", json={"texts": ["a", "", "b"]})
+    seen |= {x["fingerprint"] for x in await batch.json() if x}
+    seen.add((await (await client.post("/v1/embeddings", json={"input": "a"})).json())
+             ["fingerprint"])
+    seen.add((await (await client.post("/api/embed", json={"input": ["a"]})).json())
+             ["fingerprint"])
+    legacy = await client.post("/api/embeddings", json={"prompt": "a"})
+    seen.add(legacy.headers["X-Embedding-Fingerprint"])
+    models = (await (await client.get("/v1/models")).json())["data"]
+    seen |= {m["fingerprint"] for m in models if "embed" in m["tasks"]}
+    tags = (await (await client.get("/api/tags")).json())["models"]
+    seen |= {m["details"]["fingerprint"] for m in tags if "fingerprint" in m["details"]}
+    assert seen == {fp}
+
+
+async def test_a_changed_model_file_under_the_same_name_does_not_mix_into_the_index(
+        make_client, state_dir, models_dir, tmp_path):
+    """Vectors are stored with the fingerprint of the file that made them; a daemon that
+    embeds with another file (same name, same dimension) is refused on search (409) and its
+    background embedding pauses with the reason, instead of mixing vectors silently."""
+    original = models_dir / "all-minilm-l6-v2-f16.gguf"
+    first = await make_client(models__embed__path=str(original))
+    await first.post("/collections", json={"name": "c"})
+    await first.put("/collections/c/documents/a.md", json={"body": "cats sleep a lot"})
+    for _ in range(100):
+        if not (await (await first.get("/status")).json())["needsEmbedding"]:
+            break
+        await asyncio.sleep(0.1)
+    assert (await first.post("/vsearch", json={"query": "cats"})).status == 200
+    await first.close()
+    changed = tmp_path / "all-minilm-l6-v2-f16.gguf"
+    changed.write_bytes(original.read_bytes() + b"\0" * 32)  # other bytes, same model name
+    second = await make_client(models__embed__path=str(changed))
+    resp = await second.post("/vsearch", json={"query": "cats"})
+    body = await resp.json()
+    assert resp.status == 409 and body["query_fingerprint"] != body["index_fingerprint"]
+    assert (await second.post("/query", json={"query": "cats"})).status == 409
+    await second.put("/collections/c/documents/b.md", json={"body": "dogs bark"})
+    for _ in range(100):
+        status = await (await second.get("/status")).json()
+        if "vectors of" in str(status):
+            break
+        await asyncio.sleep(0.1)
+    assert "re-embed the index" in str(status)
+
+
+async def test_a_request_naming_another_model_is_served_counted_or_refused(make_client):
+    lax = await make_client()
+    resp = await lax.post("/embed", json={"text": "a", "options": {"model": "embeddinggemma"}})
+    assert resp.status == 200 and (await resp.json())["model"] == "all-minilm-l6-v2"
+    metrics = await (await lax.get("/metrics")).text()
+    assert 'npuserve_model_mismatch_total{task="embed"} 1' in metrics
+    strict = await make_client(server__strict_models="true",
+                               models__embed__aliases='["text-embedding-3-small"]')
+    resp = await strict.post("/v1/embeddings", json={"input": "a", "model": "embeddinggemma"})
+    assert resp.status == 409 and "all-minilm-l6-v2" in (await resp.json())["error"]
+    ok = await strict.post("/v1/embeddings", json={"input": "a",
+                                                   "model": "text-embedding-3-small"})
+    assert ok.status == 200
+    resp = await strict.post("/v2/rerank", json={"model": "bge", "query": "q",
+                                                 "documents": ["d"]})
+    assert resp.status == 409 and "smollm2" in (await resp.json())["error"]

@@ -36,6 +36,7 @@ from npuserve.daemon.index.embedder import query_text
 from npuserve.daemon.index.hybrid import hybrid_query
 from npuserve.daemon.index.service import IndexService
 from npuserve.daemon.index.store import check_collection_name
+from npuserve.daemon.sched.views import EmbedResult
 
 routes = web.RouteTableDef()
 MAX_LIMIT = 1000
@@ -187,6 +188,24 @@ async def _search_body(request: web.Request, default_limit: int
     return body, str(query), limit, collection
 
 
+async def vectors_mismatch(index: IndexService, embedded: EmbedResult) -> web.Response | None:
+    """409 when the index's vectors are another embedding model's than the query's: by
+    name, dimension or fingerprint (a file swapped under the same name)."""
+    stored_model, stored_dim, stored_fp = await index.store.vector_model()
+    dim = int(embedded.vectors.shape[1])
+    if stored_dim is None or (stored_dim == dim and stored_model == embedded.model
+                              and stored_fp in (None, embedded.fingerprint)):
+        return None
+    return web.json_response({
+        "error": "stored vectors were made by a different embedding model",
+        "detail": f"index: {stored_model} ({stored_dim}-d, {stored_fp}); query:"
+                  f" {embedded.model} ({dim}-d, {embedded.fingerprint})",
+        "query_model": embedded.model, "query_dim": dim,
+        "query_fingerprint": embedded.fingerprint, "index_fingerprint": stored_fp,
+        "hint": "re-embed the index with the current model, or configure the old one",
+    }, status=409)
+
+
 @routes.post("/vsearch")
 async def vector_search(request: web.Request) -> web.Response:
     index = index_of(request)
@@ -194,16 +213,9 @@ async def vector_search(request: web.Request) -> web.Response:
     body, query, limit, collection = await _search_body(request, 20)
     embedded = await svc.scheduler.embed([query_text(query)])
     vectors = embedded.vectors
-    stored_model, stored_dim = await index.store.vector_model()
-    query_model = embedded.model
-    if stored_dim is not None and (stored_dim != vectors.shape[1] or stored_model != query_model):
-        return web.json_response({
-            "error": "stored vectors were made by a different embedding model",
-            "detail": f"index: {stored_model} ({stored_dim}-d); query: {query_model}"
-                      f" ({vectors.shape[1]}-d)",
-            "query_model": query_model, "query_dim": int(vectors.shape[1]),
-            "hint": "re-embed the index with the current model, or configure the old one",
-        }, status=409)
+    mismatch = await vectors_mismatch(index, embedded)
+    if mismatch is not None:
+        return mismatch
     hits = await index.store.nearest(vectors[0], limit, collection)
     full = optional_bool(body, "full", False)
     out = await index.store.results(hits, "vec", _body_chars(request, full))

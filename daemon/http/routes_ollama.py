@@ -95,7 +95,13 @@ def _model_entries(request: web.Request, loaded_only: bool) -> list[dict[str, An
 
 @routes.get("/api/tags")
 async def tags(request: web.Request) -> web.Response:
-    return web.json_response({"models": _model_entries(request, loaded_only=False)})
+    entries = _model_entries(request, loaded_only=False)
+    svc = services(request)
+    embed = svc.scheduler.model_name("embed")
+    for entry in entries:
+        if entry["name"] == embed:
+            entry["details"]["fingerprint"] = await svc.scheduler.embedding_fingerprint()
+    return web.json_response({"models": entries})
 
 
 @routes.get("/api/ps")

@@ -94,6 +94,8 @@ async def models(request: web.Request) -> web.Response:
         entry = seen.setdefault(name, {"id": name, "object": "model", "created": created,
                                        "owned_by": "npuserve", "tasks": []})
         entry["tasks"].append(task)
+        if task == "embed":
+            entry["fingerprint"] = await svc.scheduler.embedding_fingerprint()
     return web.json_response({"object": "list", "data": list(seen.values())})
 
 

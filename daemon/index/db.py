@@ -12,9 +12,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from npuserve.daemon.errors import StorageError
+from npuserve.daemon.errors import ApiError, StorageError
 
 log = logging.getLogger("npuserve.index")
+
+
+class VectorsMismatch(ApiError):
+    """Vectors of another embedding model than the index holds (they do not mix)."""
+
+    status = 409
 SCHEMA_VERSION = 1
 
 # Each entry migrates from version i to i+1.
@@ -228,15 +234,30 @@ class IndexDB:
         return self.read(lambda c: c.execute(
             "SELECT 1 FROM sqlite_master WHERE name='chunk_vecs'").fetchone()) is not None
 
-    def ensure_vector_table(self, conn: Any, model: str, dim: int) -> None:
-        """Create the vec0 table for `dim` on first use; inside a transaction."""
+    def ensure_vector_table(self, conn: Any, model: str, dim: int, fingerprint: str) -> None:
+        """Create the vec0 table for `dim` on first use; inside a transaction. Vectors of
+        another embedding model (fingerprint) are refused: the two do not mix. An index from
+        before fingerprints takes the current one when its model name and dimension agree."""
         exists = conn.execute("SELECT 1 FROM sqlite_master WHERE name='chunk_vecs'").fetchone()
         if not exists:
             conn.execute(
                 "CREATE VIRTUAL TABLE chunk_vecs USING vec0(collection_id integer partition key,"
                 f" embedding float[{int(dim)}] distance_metric=cosine)")
-            conn.execute("INSERT OR REPLACE INTO meta VALUES ('embed_model', ?), ('embed_dim', ?)",
-                         (model, str(dim)))
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('embed_model', ?), ('embed_dim', ?),"
+                         " ('embed_fingerprint', ?)", (model, str(dim), fingerprint))
+            return
+        meta = dict(conn.execute("SELECT key, value FROM meta WHERE key IN"
+                                 " ('embed_model', 'embed_dim', 'embed_fingerprint')").fetchall())
+        stored = meta.get("embed_fingerprint")
+        same = meta.get("embed_model") == model and meta.get("embed_dim") == str(dim)
+        if stored is None and same:
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('embed_fingerprint', ?)",
+                         (fingerprint,))
+        elif stored != fingerprint or meta.get("embed_dim") != str(dim):
+            raise VectorsMismatch(
+                f"the index holds vectors of {meta.get('embed_model')} ({stored},"
+                f" {meta.get('embed_dim')}-d); the daemon now embeds with {model}"
+                f" ({fingerprint}, {dim}-d): re-embed the index or configure the old model")
 
     def close(self) -> None:
         with self.lock:

@@ -11,6 +11,7 @@ import asyncio
 import logging
 
 from npuserve.daemon.errors import SchedulerError, StorageError
+from npuserve.daemon.index.db import VectorsMismatch
 from npuserve.daemon.index.storage import IndexStorage
 from npuserve.daemon.sched.scheduler import Scheduler
 
@@ -18,7 +19,7 @@ log = logging.getLogger("npuserve.embedder")
 
 # One background call runs about this long at most (by the model's measured cost): a call
 # already running is not interrupted, so this is what an interactive request may wait for.
-BACKGROUND_CALL_SECONDS = 1.0
+BACKGROUND_CALL_SECONDS = 0.25
 
 
 def document_text(title: str, chunk: str) -> str:
@@ -96,9 +97,15 @@ class Embedder:
         self.last_error = None
         try:
             written = await self.store.store_vectors(ids, [p[1] for p in pending],
-                                                     result.vectors, result.model)
+                                                     result.vectors, result.model,
+                                                     result.fingerprint)
         except StorageError:
             raise  # run() pauses; recording the failure would fail the same way
+        except VectorsMismatch as exc:  # nothing to retry soon: wait for the operator
+            self.last_error = str(exc)
+            log.warning("embedding paused: %s", exc)
+            await self.store.embedding_failed(ids, self.last_error, 600.0)
+            return False
         except Exception as exc:  # anything else: the chunks stay pending
             log.exception("storing vectors failed")
             self.last_error = f"storing vectors failed: {exc}"

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from npuserve.daemon.index import search
+from npuserve.daemon.index.db import VectorsMismatch
 from npuserve.daemon.index.embedder import query_text
 from npuserve.daemon.index.storage import IndexStorage
 from npuserve.daemon.sched.scheduler import Scheduler
@@ -131,6 +132,12 @@ async def hybrid_query(store: IndexStorage, sched: Scheduler, query: str, limit:
     vec = [text for kind, text in variants if kind in ("vec", "hyde")]
     to_embed = [query_text(query)] + [query_text(t) for t in vec]
     embedded = await trace.run("embed", lambda: sched.embed(to_embed))
+    model, dim, fingerprint = await store.vector_model()
+    if dim is not None and (dim != embedded.vectors.shape[1] or model != embedded.model
+                            or fingerprint not in (None, embedded.fingerprint)):
+        raise VectorsMismatch(f"stored vectors were made by a different embedding model"
+                              f" ({model}, {fingerprint}); the query's: {embedded.model}"
+                              f" ({embedded.fingerprint})")
 
     async def gather_lists() -> list[tuple[float, list[search.Hit]]]:
         lists: list[tuple[float, list[search.Hit]]] = [(ORIGINAL_WEIGHT, probe)]

@@ -73,14 +73,16 @@ class IndexStorage(abc.ABC):
 
     @abc.abstractmethod
     async def store_vectors(self, ids: list[int], collection_ids: list[int],
-                            vectors: VectorRows, model: str) -> int: ...
+                            vectors: VectorRows, model: str, fingerprint: str) -> int:
+        """Vectors of `model` (`fingerprint`); VectorsMismatch when the index holds another
+        model's."""
 
     @abc.abstractmethod
     async def embedding_failed(self, ids: list[int], error: str, backoff: float) -> None: ...
 
     @abc.abstractmethod
-    async def vector_model(self) -> tuple[str | None, int | None]:
-        """(model, dimension) of the stored vectors, or (None, None) before the first."""
+    async def vector_model(self) -> tuple[str | None, int | None, str | None]:
+        """(model, dimension, fingerprint) of the stored vectors; Nones before the first."""
 
     @abc.abstractmethod
     async def has_vectors(self) -> bool: ...
@@ -159,13 +161,14 @@ class SqliteStorage(IndexStorage):
         return await self._run(self.store.pending_chunks, limit)
 
     async def store_vectors(self, ids: list[int], collection_ids: list[int],
-                            vectors: VectorRows, model: str) -> int:
-        return await self._run(self.store.store_vectors, ids, collection_ids, vectors, model)
+                            vectors: VectorRows, model: str, fingerprint: str) -> int:
+        return await self._run(self.store.store_vectors, ids, collection_ids, vectors, model,
+                               fingerprint)
 
     async def embedding_failed(self, ids: list[int], error: str, backoff: float) -> None:
         await self._run(self.store.embedding_failed, ids, error, backoff)
 
-    async def vector_model(self) -> tuple[str | None, int | None]:
+    async def vector_model(self) -> tuple[str | None, int | None, str | None]:
         return await self._run(self.store.vector_model)
 
     async def has_vectors(self) -> bool:

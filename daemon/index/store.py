@@ -205,12 +205,12 @@ class IndexStore:
         return self.db.read(lambda c: c.execute(sql, (time.time(), limit)).fetchall())
 
     def store_vectors(self, ids: list[int], collection_ids: list[int], vectors: VectorRows,
-                      model: str) -> int:
+                      model: str, fingerprint: str) -> int:
         """Write vectors for chunks that still exist (a document may have changed meanwhile)."""
         dim = int(vectors.shape[1])
         written = 0
         with self.db.transaction() as c:
-            self.db.ensure_vector_table(c, model, dim)
+            self.db.ensure_vector_table(c, model, dim, fingerprint)
             for cid, coll, vec in zip(ids, collection_ids, vectors, strict=True):
                 if c.execute("SELECT 1 FROM chunks WHERE id=? AND embedded=0",
                              (cid,)).fetchone() is None:
@@ -227,14 +227,15 @@ class IndexStore:
                 c.execute("UPDATE chunks SET attempts=attempts+1, last_error=?, retry_at=?"
                           " WHERE id=?", (error[:500], time.time() + backoff, cid))
 
-    def vector_model(self) -> tuple[str | None, int | None]:
+    def vector_model(self) -> tuple[str | None, int | None, str | None]:
+        """(model, dimension, fingerprint) of the stored vectors; Nones before the first."""
         # One read: two would straddle the first embedding's commit and see the
         # dimension without the model (a false "different embedding model" 409).
         rows = dict(self.db.read(lambda c: c.execute(
-            "SELECT key, value FROM meta WHERE key IN ('embed_model', 'embed_dim')"
-        ).fetchall()))
+            "SELECT key, value FROM meta WHERE key IN ('embed_model', 'embed_dim',"
+            " 'embed_fingerprint')").fetchall()))
         dim = rows.get("embed_dim")
-        return rows.get("embed_model"), int(dim) if dim else None
+        return rows.get("embed_model"), int(dim) if dim else None, rows.get("embed_fingerprint")
 
     # --- status ----------------------------------------------------------------
 

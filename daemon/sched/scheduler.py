@@ -277,6 +277,11 @@ class Scheduler:
                 return max(1, n)
         return len(texts)
 
+    @property
+    def known_fingerprint(self) -> str | None:
+        """The embedding fingerprint once something has asked for it (None before)."""
+        return self._fingerprint
+
     async def embedding_fingerprint(self) -> str:
         """The identity of the vectors /embed gives: the digest of the embedding model's
         files (of the configured model: its CPU twin serves its vectors when it falls
