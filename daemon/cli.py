@@ -49,10 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     pull = msub.add_parser("pull", help=(
         "download a GGUF model from Hugging Face (HF_ENDPOINT honoured) into the state"
         " directory, verify its sha256 and register it for a task in the config file"))
-    pull.add_argument("repo", help="repository, e.g. Qwen/Qwen3-Embedding-0.6B-GGUF")
-    pull.add_argument("file", help="GGUF file in it, e.g. Qwen3-Embedding-0.6B-Q8_0.gguf")
-    pull.add_argument("--task", required=True, choices=["embed", "rerank", "expand"],
+    pull.add_argument("repo", nargs="?", help="repository, e.g. Qwen/Qwen3-Embedding-0.6B-GGUF")
+    pull.add_argument("file", nargs="?",
+                      help="GGUF file in it, e.g. Qwen3-Embedding-0.6B-Q8_0.gguf")
+    pull.add_argument("--task", choices=["embed", "rerank", "expand"],
                       help="task the model serves")
+    pull.add_argument("--preset", choices=["qmd"], help=(
+        "instead of REPO FILE: a set of models, one per task (qmd: QMD's own defaults,"
+        " embeddinggemma-300M, Qwen3-Reranker-0.6B and its query-expansion model)"))
     pull.add_argument("--revision", default="main", help="branch, tag or commit (default main)")
     pull.add_argument("--sha256", default=None, help="expected sha256 (default: the hub's)")
     _common(pull)
@@ -139,10 +143,17 @@ def cmd_prepare(cfg: Config) -> int:
 def cmd_pull(cfg: Config, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from npuserve.daemon.models.pull import PullError, pull
+    from npuserve.daemon.models.pull import PullError, pull, pull_preset
 
     config_path = None if cfg.source == "defaults" else Path(cfg.source)
     try:
+        if args.preset:
+            if args.repo or args.file or args.task:
+                raise PullError("--preset pulls its own files: give no REPO, FILE or --task")
+            pull_preset(args.preset, cfg.models_dir, config_path)
+            return 0
+        if not (args.repo and args.file and args.task):
+            raise PullError("give REPO FILE --task TASK, or --preset NAME")
         pull(args.repo, args.file, args.task, cfg.models_dir, config_path,
              revision=args.revision, sha256=args.sha256)
     except PullError as exc:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from npuserve.daemon.models.backend_kind import BackendKind, no_files
 from npuserve.daemon.worker.protocol import ModelSpec
+from npuserve.fallback.gguf_meta import is_rank_model
 
 MB = 1024 * 1024
 
@@ -23,6 +24,12 @@ def gguf_estimate(spec: ModelSpec) -> int:
 LLAMA_EMBED = BackendKind(
     name="llama_cpp_embed", device="cpu", tasks=frozenset({"embed"}),
     target="npuserve.fallback.llama_embed:LlamaEmbedBackend",
+    memory_estimate=gguf_estimate,
+)
+LLAMA_CROSS_ENCODER = BackendKind(
+    name="llama_cpp_cross_encoder", device="cpu", tasks=frozenset({"rerank"}),
+    target="npuserve.fallback.llama_cross:LlamaCrossEncoderBackend",
+    recognises=is_rank_model,
     memory_estimate=gguf_estimate,
 )
 LLAMA_GENERATIVE = BackendKind(

@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from npuserve.daemon.config import load_config, render_example, set_config_key
+from npuserve.daemon.models.pull import PRESETS
 
 REPO, FILE = "npuserve-test/minilm-gguf", "all-minilm-l6-v2-f16.gguf"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -38,6 +39,9 @@ class Hub:
         if request.match_info["path"] != f"{REPO}/resolve/main/{FILE}":
             return web.json_response({"error": "Entry not found"}, status=404,
                                      headers={"X-Error-Code": "EntryNotFound"})
+        return await self.send(request)
+
+    async def send(self, request: web.Request) -> web.StreamResponse:
         if request.method == "HEAD":
             return web.Response(headers={**self.headers(), "Content-Length": str(len(self.blob))})
         self.gets += 1
@@ -150,3 +154,44 @@ def test_set_config_key_edits_only_its_section(tmp_path: Path):
     fresh = tmp_path / "new.toml"  # no file yet: created with the section
     set_config_key(fresh, "models.rerank.path", "/m/r.gguf")
     assert load_config(fresh, env={}).get("models.rerank.path") == "/m/r.gguf"
+
+
+class PresetHub(Hub):
+    """Every file of the QMD preset, at its own repository path."""
+
+    def __init__(self, blob: bytes) -> None:
+        super().__init__(blob, cut_first=False)
+        self.paths = {f"{repo}/resolve/main/{name}" for _, repo, name, _ in PRESETS["qmd"]}
+        self.served: list[str] = []
+
+    async def resolve(self, request: web.Request) -> web.StreamResponse:
+        path = request.match_info["path"]
+        if path not in self.paths:
+            return await super().resolve(request)  # its 404
+        if request.method == "GET":
+            self.served.append(path)
+        return await self.send(request)  # the same bytes under each name
+
+
+async def test_pull_preset_qmd_fetches_and_registers_qmds_three_defaults(
+        tmp_path: Path, blob: bytes, aiohttp_server):
+    hub = PresetHub(blob)
+    endpoint = await _serve(hub, aiohttp_server)
+    config = tmp_path / "config.toml"
+    config.write_text(render_example())
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NPUSERVE_", "HF_"))}
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf-home"),
+               HF_HUB_DISABLE_TELEMETRY="1")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "npuserve.daemon.cli", "models", "pull", "--preset", "qmd",
+        "--config", str(config), "--state-dir", str(tmp_path / "state"),
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out = (await asyncio.wait_for(proc.communicate(), 300))[0].decode()
+    assert proc.returncode == 0, out
+    assert sorted(hub.served) == sorted(hub.paths)
+    cfg = load_config(config, env={})
+    for task, repo, name, aliases in PRESETS["qmd"]:
+        path = tmp_path / "state" / "models" / repo.replace("/", "--") / name
+        assert cfg.get(f"models.{task}.path") == str(path) and path.is_file()
+        assert cfg.get(f"models.{task}.aliases") == aliases
+    assert "embeddinggemma-300M-Q8_0.gguf" in cfg.get("models.embed.path")

@@ -16,6 +16,7 @@ def model_view(m: ModelView) -> dict[str, Any]:
     return {
         "name": m.name,
         "id": m.id,
+        "kind": m.kind,
         "tasks": list(m.tasks),
         "device": m.device,
         "device_reason": m.device_reason,

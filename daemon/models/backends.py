@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from npuserve.daemon.models.backend_kind import BackendKind
+from npuserve.daemon.models.backend_kind import BackendKind, is_file
 from npuserve.daemon.worker import protocol as wp
 from npuserve.fallback import kinds as cpu
 from npuserve.npu import kinds as npu
 
 KINDS: tuple[BackendKind, ...] = (
     cpu.LLAMA_EMBED,
+    cpu.LLAMA_CROSS_ENCODER,  # before the generative kind: it claims rank-pooled GGUFs only
     cpu.LLAMA_GENERATIVE,
     npu.RKNN_EMBED,
     npu.RKNN_RERANK,
@@ -23,9 +24,14 @@ def kind(name: str) -> BackendKind | None:
     return _BY_NAME.get(name)
 
 
-def kind_for(task: str, device: str) -> BackendKind | None:
-    """The backend that runs `task` on `device`, or None when there is none yet."""
-    return next((k for k in KINDS if k.device == device and task in k.tasks), None)
+def kind_for(task: str, device: str, path: Path) -> BackendKind | None:
+    """The backend that runs `task` on `device` for the model at `path`: the first kind, in
+    KINDS order, that recognises it; else the device's general kind for the task (a file
+    that is missing then fails to load, with its reason, like any other). None when there
+    is no backend for the task there yet."""
+    able = [k for k in KINDS if k.device == device and task in k.tasks]
+    return (next((k for k in able if device != "remote" and k.recognises(path)), None)
+            or next((k for k in able if k.recognises is is_file or device == "remote"), None))
 
 
 def is_npu_model(path: Path) -> bool:

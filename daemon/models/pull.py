@@ -22,6 +22,20 @@ Say = Callable[[str], None]
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
+# QMD's own default models (QMD main, src/llm.ts), by task: (repository, file, the names
+# QMD's clients send for it, registered as aliases).
+PRESETS: dict[str, list[tuple[str, str, str, list[str]]]] = {
+    "qmd": [
+        ("embed", "ggml-org/embeddinggemma-300M-GGUF", "embeddinggemma-300M-Q8_0.gguf",
+         ["embeddinggemma", "embeddinggemma-300M-Q8_0"]),
+        ("rerank", "ggml-org/Qwen3-Reranker-0.6B-Q8_0-GGUF", "qwen3-reranker-0.6b-q8_0.gguf",
+         ["qwen3-reranker", "Qwen3-Reranker-0.6B"]),
+        ("expand", "tobil/qmd-query-expansion-1.7B-gguf", "qmd-query-expansion-1.7B-q4_k_m.gguf",
+         ["qmd-query-expansion", "qmd-query-expansion-1.7B"]),
+    ],
+}
+
+
 class PullError(Exception):
     """A download that failed or does not match its checksum; nothing is registered."""
 
@@ -120,4 +134,21 @@ def pull(repo: str, filename: str, task: str, models_dir: Path, config_path: Pat
     pulled = download(repo, filename, models_dir, revision, sha256, say)
     register(pulled, repo, task, models_dir, config_path, say)
     chown_like(models_dir, models_dir.parent)
+    return pulled
+
+
+def pull_preset(name: str, models_dir: Path, config_path: Path | None, say: Say = print
+                ) -> list[Pulled]:
+    """Every file of a preset, each verified and registered for its task (with the names
+    its clients send as aliases); a failure stops before the next file."""
+    if name not in PRESETS:
+        raise PullError(f"--preset {name!r}: choose from {', '.join(PRESETS)}")
+    pulled = []
+    for task, repo, filename, aliases in PRESETS[name]:
+        say(f"{task}: {repo}/{filename}")
+        pulled.append(pull(repo, filename, task, models_dir, config_path, say=say))
+        if config_path is not None:
+            set_config_key(config_path, f"models.{task}.aliases", aliases)
+    if config_path is not None:
+        load_config(config_path, env={})
     return pulled

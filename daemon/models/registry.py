@@ -127,7 +127,7 @@ def _task_options(task: str, mc: ModelConfig, model_defaults: dict[str, object]
 
 def _add(plans: dict[str, ModelPlan], task: str, device: str, path: Path, name: str,
          mc: ModelConfig, options: dict[str, object], reason: str) -> ModelPlan:
-    backend = kind_for(task, device)
+    backend = kind_for(task, device, path)
     if backend is None:
         raise ConfigError(f"models.{task}: no {device} backend for the {task} task yet")
     kind = backend.name
