@@ -71,7 +71,9 @@ class LlamaSession:
         self.model = None
 
     def token_ids(self, text: str, add_special: bool = True) -> list[int]:
-        return list(self._tokenizer().tokenize(text, add_special=add_special))
+        # Special tokens written in the text are parsed, as vLLM's tokenizer does.
+        return list(self._tokenizer().tokenize(text, add_special=add_special,
+                                               parse_special=True))
 
     def _tokenizer(self) -> LlamaModel:
         if self.model is not None:

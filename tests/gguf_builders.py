@@ -52,3 +52,77 @@ def cross_encoder_from(encoder: Path, out: Path, seed: int = 7) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+# Qwen3's chat template as the Qwen3 GGUFs carry it, thinking switch included (llama.cpp's
+# built-in renderer recognises it as ChatML).
+QWEN3_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content"
+    " + '<|im_end|>' + '\\n' }}{%- endfor %}{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}{%- if enable_thinking is defined and enable_thinking"
+    " is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}")
+LAST_POOLING = 3
+
+
+def tiny_qwen3(tokenizer_from: Path, out: Path, *, pooling: int | None = None, seed: int = 3,
+               n_embd: int = 64, n_layer: int = 2, n_head: int = 4, n_head_kv: int = 2,
+               n_ff: int = 128) -> Path:
+    """A `qwen3` GGUF with Qwen3's tensor names, norms (q/k RMSNorm per head), grouped-query
+    attention and template, random weights of small dimensions, and the BPE tokenizer of
+    `tokenizer_from` (SmolLM2's: ChatML special tokens, "yes"/"no" single tokens). With
+    `pooling` (LAST_POOLING: Qwen3-Embedding's last-token pooling) it is an embedding
+    model and appends EOS as Qwen3-Embedding does."""
+    src = GGUFReader(tokenizer_from)
+    n_vocab = len(src.fields["tokenizer.ggml.tokens"].contents())
+    hd = n_embd // n_head
+    writer = GGUFWriter(out, "qwen3")
+    writer.add_name("tiny-qwen3")
+    writer.add_block_count(n_layer)
+    writer.add_context_length(2048)
+    writer.add_embedding_length(n_embd)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head_kv)
+    writer.add_key_length(hd)
+    writer.add_value_length(hd)
+    writer.add_rope_freq_base(1_000_000.0)
+    writer.add_layer_norm_rms_eps(1e-6)
+    if pooling is not None:
+        writer.add_uint32("qwen3.pooling_type", pooling)
+    for name, field in src.fields.items():
+        if not name.startswith("tokenizer.") or name == "tokenizer.chat_template":
+            continue
+        if name == "tokenizer.ggml.add_eos_token":
+            continue
+        vtype = field.types[0]
+        sub = field.types[1] if vtype == GGUFValueType.ARRAY else None
+        writer.add_key_value(name, field.contents(), vtype, sub_type=sub)
+    writer.add_chat_template(QWEN3_TEMPLATE)
+    writer.add_add_eos_token(pooling is not None)
+    rng = np.random.default_rng(seed)
+
+    def w(*shape: int, scale: float = 0.05) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    ones = lambda n: np.ones(n, dtype=np.float32)  # noqa: E731
+    writer.add_tensor("token_embd.weight", w(n_vocab, n_embd, scale=0.5))
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        writer.add_tensor(p + "attn_norm.weight", ones(n_embd))
+        writer.add_tensor(p + "attn_q.weight", w(n_head * hd, n_embd))
+        writer.add_tensor(p + "attn_k.weight", w(n_head_kv * hd, n_embd))
+        writer.add_tensor(p + "attn_v.weight", w(n_head_kv * hd, n_embd))
+        writer.add_tensor(p + "attn_q_norm.weight", ones(hd))
+        writer.add_tensor(p + "attn_k_norm.weight", ones(hd))
+        writer.add_tensor(p + "attn_output.weight", w(n_embd, n_head * hd))
+        writer.add_tensor(p + "ffn_norm.weight", ones(n_embd))
+        writer.add_tensor(p + "ffn_gate.weight", w(n_ff, n_embd))
+        writer.add_tensor(p + "ffn_up.weight", w(n_ff, n_embd))
+        writer.add_tensor(p + "ffn_down.weight", w(n_embd, n_ff))
+    writer.add_tensor("output_norm.weight", ones(n_embd))
+    writer.add_tensor("output.weight", w(n_vocab, n_embd, scale=0.5))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
