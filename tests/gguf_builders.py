@@ -126,3 +126,97 @@ def tiny_qwen3(tokenizer_from: Path, out: Path, *, pooling: int | None = None, s
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+MEAN_POOLING = 1
+SPM_NORMAL, SPM_UNKNOWN, SPM_CONTROL, SPM_BYTE = 1, 2, 3, 6
+WORDS = ("cats sleep hours day dogs play fetch park stock market fell search result query"
+         " text title task kernel module load").split()
+
+
+def _spm_vocab() -> tuple[list[str], list[float], list[int]]:
+    """A small SentencePiece vocabulary as Gemma's GGUFs carry it: control tokens, byte
+    fallback for every byte, and whole words with the "▁" space marker."""
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    types = [SPM_CONTROL, SPM_CONTROL, SPM_CONTROL, SPM_UNKNOWN]
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [SPM_BYTE] * 256
+    pieces = ["▁"] + [f"▁{w}" for w in WORDS] + list("abcdefghijklmnopqrstuvwxyz|:")
+    tokens += pieces
+    types += [SPM_NORMAL] * len(pieces)
+    scores = [0.0] * 260 + [-float(i) for i in range(len(pieces))]
+    return tokens, scores, types
+
+
+def tiny_gemma_embedding(out: Path, *, seed: int = 11, n_embd: int = 64, n_layer: int = 6,
+                         n_head: int = 4, n_head_kv: int = 1, n_ff: int = 128,
+                         n_dense: int = 96) -> Path:
+    """A `gemma-embedding` GGUF (embeddinggemma's architecture: Gemma 3 blocks with pre- and
+    post-norms, q/k norms, bidirectional attention, mean pooling) with random weights of
+    small dimensions and a small SentencePiece vocabulary of Gemma's kind. Six layers, as
+    Gemma 3's pattern has five sliding-window layers to one global: with no global layer
+    llama.cpp leaves the global mask unallocated and aborts on the first input."""
+    arch = "gemma-embedding"
+    hd = n_embd // n_head
+    writer = GGUFWriter(out, arch)
+    writer.add_name("tiny-embeddinggemma")
+    writer.add_block_count(n_layer)
+    writer.add_context_length(2048)
+    writer.add_embedding_length(n_embd)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head_kv)
+    writer.add_key_length(hd)
+    writer.add_value_length(hd)
+    writer.add_rope_freq_base(10_000.0)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_uint32(f"{arch}.attention.sliding_window", 512)
+    writer.add_uint32(f"{arch}.pooling_type", MEAN_POOLING)
+    tokens, scores, types = _spm_vocab()
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_unk_token_id(3)
+    writer.add_pad_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(True)
+    rng = np.random.default_rng(seed)
+
+    def w(*shape: int, scale: float = 0.05) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    # Gemma's norms scale by (1 + w); its GGUFs store 1 + w (the converter adds the one).
+    norm = lambda n: np.ones(n, dtype=np.float32)  # noqa: E731
+    writer.add_tensor("token_embd.weight", w(len(tokens), n_embd, scale=0.5))
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        writer.add_tensor(p + "attn_norm.weight", norm(n_embd))
+        writer.add_tensor(p + "attn_q.weight", w(n_head * hd, n_embd))
+        writer.add_tensor(p + "attn_k.weight", w(n_head_kv * hd, n_embd))
+        writer.add_tensor(p + "attn_v.weight", w(n_head_kv * hd, n_embd))
+        writer.add_tensor(p + "attn_q_norm.weight", norm(hd))
+        writer.add_tensor(p + "attn_k_norm.weight", norm(hd))
+        writer.add_tensor(p + "attn_output.weight", w(n_embd, n_head * hd))
+        writer.add_tensor(p + "post_attention_norm.weight", norm(n_embd))
+        writer.add_tensor(p + "ffn_norm.weight", norm(n_embd))
+        writer.add_tensor(p + "ffn_gate.weight", w(n_ff, n_embd))
+        writer.add_tensor(p + "ffn_up.weight", w(n_ff, n_embd))
+        writer.add_tensor(p + "ffn_down.weight", w(n_embd, n_ff))
+        writer.add_tensor(p + "post_ffw_norm.weight", norm(n_embd))
+    writer.add_tensor("output_norm.weight", norm(n_embd))
+    # sentence-transformers' two dense projections after pooling (768 -> 3072 -> 768 in
+    # embeddinggemma), here n_embd -> n_dense -> n_embd.
+    writer.add_tensor("dense_2.weight", w(n_dense, n_embd))
+    writer.add_tensor("dense_3.weight", w(n_embd, n_dense))
+    writer.add_uint32(f"{arch}.dense_2_feat_in", n_embd)
+    writer.add_uint32(f"{arch}.dense_2_feat_out", n_dense)
+    writer.add_uint32(f"{arch}.dense_3_feat_in", n_dense)
+    writer.add_uint32(f"{arch}.dense_3_feat_out", n_embd)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out

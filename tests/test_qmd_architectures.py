@@ -15,7 +15,7 @@ import pytest
 
 from npuserve.daemon.config import DEFAULT_INSTRUCTION, DEFAULT_RERANK_TEMPLATE
 
-from .gguf_builders import LAST_POOLING, tiny_qwen3
+from .gguf_builders import LAST_POOLING, tiny_gemma_embedding, tiny_qwen3
 
 LINE = re.compile(r"^(lex|vec|hyde): \S.*$")
 DOCS = ["Cats sleep twelve to sixteen hours a day.", "The stock market fell sharply in 2008.",
@@ -92,3 +92,23 @@ async def test_qwen3_expansion_with_no_think_answers_lines_in_form(make_client, 
     count = await (await client.post("/tokenize", json={
         "model": "tiny-qwen3", "prompt": rendered, "add_special_tokens": False})).json()
     assert plain["usage"]["prompt_tokens"] == count["count"]
+
+
+async def test_embeddinggemma_mean_pools_with_its_dense_projections(make_client,
+                                                                      tmp_path_factory):
+    """QMD's default embedding architecture (`gemma-embedding`): QMD's own query and document
+    formats embedded as received, vectors as llama.cpp makes them."""
+    import llama_cpp
+
+    path = tiny_gemma_embedding(tmp_path_factory.mktemp("gemma") / "tiny-embeddinggemma.gguf")
+    client = await make_client(models__embed__path=str(path))
+    texts = ["task: search result | query: cats sleep", "title: Cats | text: cats sleep"]
+    body = await (await client.post("/embed-batch", json={"texts": texts})).json()
+    llm = llama_cpp.Llama(str(path), embedding=True, n_ctx=512, verbose=False)
+    for item, text in zip(body, texts, strict=True):
+        got, want = np.array(item["embedding"]), np.array(llm.embed(text))
+        assert got.shape == (64,) and abs(np.linalg.norm(got) - 1) < 1e-5
+        assert float(got @ want / np.linalg.norm(want)) >= 0.999
+    llm.close()
+    health = await (await client.get("/health")).json()
+    assert health["models"]["embed"] == "tiny-embeddinggemma"
