@@ -323,3 +323,27 @@ async def test_a_request_naming_another_model_is_served_counted_or_refused(make_
     resp = await strict.post("/v2/rerank", json={"model": "bge", "query": "q",
                                                  "documents": ["d"]})
     assert resp.status == 409 and "smollm2" in (await resp.json())["error"]
+
+
+async def test_pr720_cohere_v2_embed_and_vllm_pooling(client):
+    """#720's other embedding formats: Cohere /v2/embed and vLLM /pooling, the same vectors
+    as /embed for the same texts."""
+    texts = ["task: search result | query: cats", "title: Cats | text: Cats sleep a lot."]
+    ref = [(await (await client.post("/embed", json={"text": t})).json())["embedding"]
+           for t in texts]
+    resp = await client.post("/v2/embed", json={"model": "embed-v4.0", "texts": texts,
+                                                "input_type": "search_query",
+                                                "embedding_types": ["float"]})
+    assert resp.status == 200
+    cohere = await resp.json()
+    assert cohere["response_type"] == "embeddings_by_type"
+    resp = await client.post("/pooling", json={"model": "m", "input": texts})
+    pooled = await resp.json()
+    assert [d["index"] for d in pooled["data"]] == [0, 1]
+    for i in range(2):
+        assert abs(sum(a * b for a, b in zip(cohere["embeddings"]["float"][i], ref[i],
+                                             strict=True)) - 1) < 1e-5
+        assert abs(sum(a * b for a, b in zip(pooled["data"][i]["data"], ref[i],
+                                             strict=True)) - 1) < 1e-5
+    bad = await client.post("/v2/embed", json={"texts": texts, "embedding_types": ["int8"]})
+    assert bad.status == 400 and "embedding_types" in (await bad.json())["error"]

@@ -165,6 +165,7 @@ def _open_index(app: web.Application, cfg: Config, scheduler: Scheduler) -> None
 
 def build_app(cfg: Config, scheduler: Scheduler) -> web.Application:
     from npuserve.daemon.http import (
+        embed_shapes,
         rerank_shapes,
         routes_admin,
         routes_index,
@@ -191,8 +192,8 @@ def build_app(cfg: Config, scheduler: Scheduler) -> web.Application:
         limits=Limits(server.max_batch, server.max_text_chars, server.max_tokens),
         max_body=max_body,
     )
-    for module in (routes_qmd, rerank_shapes, routes_openai, routes_ollama, routes_ops,
-                   routes_admin, routes_index):
+    for module in (routes_qmd, rerank_shapes, embed_shapes, routes_openai, routes_ollama,
+                   routes_ops, routes_admin, routes_index):
         for route in module.routes:
             assert isinstance(route, web.RouteDef)
             app.router.add_route(route.method, route.path, route.handler,

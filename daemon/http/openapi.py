@@ -188,6 +188,12 @@ def _conventions(lim: Limits) -> dict[str, Any]:
         "/api/chat": {"post": op(
             "Ollama chat on the expansion model (stream, the default: NDJSON)", "ollama",
             obj(["messages"], messages=arr(message, lim), **ollama_opts))},
+        "/v2/embed": {"post": op("Cohere v2 embed", "embed", obj(
+            ["texts"], texts=arr(text(lim), lim), model=IGNORED, input_type=ANY_STR,
+            embedding_types={"type": "array", "items": {"type": "string", "enum": ["float"]}}),
+            obj(embeddings={"type": "object"}))},
+        "/pooling": {"post": op("vLLM pooling (embeddings)", "embed", obj(
+            ["input"], input=embed_input, model=IGNORED), obj(data={"type": "array"}))},
         "/api/embed": {"post": op("Ollama embed", "ollama", obj(
             ["input"], input=embed_input, model=IGNORED, truncate=BOOL),
             obj(embeddings={"type": "array", "items": VECTOR}))},
