@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow  # fuzzing: minutes of generated requests
 # Fuzzing limits: small bounds keep each generated request cheap on two cores while every
 # limit still gets probed from both sides.
 FUZZ_LIMITS = ["--set", "server.max_batch=8", "--set", "server.max_text_chars=2000",
-               "--set", "models.expand.max_tokens=32"]
+               "--set", "models.expand.max_tokens=32", "--set", "server.max_tokens=16"]
 
 
 def _openapi_path(route_path: str) -> str:
