@@ -43,8 +43,6 @@ def messages_of(value: Any, limits: Limits) -> tuple[tuple[str, str], ...]:
 
 
 def _content_text(content: Any, name: str) -> str:
-    if content is None:
-        return ""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -56,6 +54,13 @@ def _content_text(content: Any, name: str) -> str:
             parts.append(part["text"])
         return "".join(parts)
     raise InvalidRequest(f"{name} must be a string or an array of text parts")
+
+
+def check_n(body: dict[str, Any]) -> None:
+    """One choice per request: `n`, when given, must be the integer 1."""
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n != 1):
+        raise InvalidRequest("n must be 1 (one choice per request)")
 
 
 def number(body: dict[str, Any], name: str, default: float, lo: float, hi: float,

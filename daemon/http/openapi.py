@@ -47,12 +47,14 @@ def text(lim: Limits, min_length: int = 1) -> Schema:
 
 def op(summary: str, tag: str, body: Schema | None = None, ok: Schema | None = None,
        params: list[dict[str, Any]] | None = None, ok_status: str = "200",
-       more_ok: tuple[str, ...] = ()) -> dict[str, Any]:
+       more_ok: tuple[str, ...] = (), stream: str | None = None) -> dict[str, Any]:
     """One operation. Every error is `{"error": ...}` JSON, whatever its status: 400 bad
     input, 401 key, 404, 405, 409, 413 too large, 503 overload/unavailable (with
     Retry-After), 504 deadline — documented together as the default response."""
     responses: dict[str, Any] = {ok_status: {"description": "success", "content": {
         "application/json": {"schema": ok or {}}}}}
+    if stream:  # the same status streamed (SSE or NDJSON), when the request asks
+        responses[ok_status]["content"][stream] = {"schema": {"type": "string"}}
     for status in more_ok:
         responses[status] = {"description": "success", "content": {
             "application/json": {"schema": ok or {}}}}
@@ -177,17 +179,20 @@ def _conventions(lim: Limits) -> dict[str, Any]:
         "/v1/chat/completions": {"post": op(
             "OpenAI chat completion on the expansion model (stream: server-sent events)",
             "openai", obj(["messages"], messages=arr(message, lim), **sampling),
-            obj(choices={"type": "array"}))},
+            obj(choices={"type": "array"}), stream="text/event-stream")},
         "/v1/completions": {"post": op(
             "OpenAI text completion on the expansion model (stream: server-sent events)",
             "openai", obj(["prompt"], prompt={"anyOf": [text(lim), arr(text(lim), lim)]},
-                          **sampling), obj(choices={"type": "array"}))},
+                          **sampling), obj(choices={"type": "array"}),
+            stream="text/event-stream")},
         "/api/generate": {"post": op(
             "Ollama generate on the expansion model (stream, the default: NDJSON)", "ollama",
-            obj(["prompt"], prompt=text(lim), system=ANY_STR, raw=BOOL, **ollama_opts))},
+            obj(["prompt"], prompt=text(lim), system=ANY_STR, raw=BOOL, **ollama_opts),
+            stream="application/x-ndjson")},
         "/api/chat": {"post": op(
             "Ollama chat on the expansion model (stream, the default: NDJSON)", "ollama",
-            obj(["messages"], messages=arr(message, lim), **ollama_opts))},
+            obj(["messages"], messages=arr(message, lim), **ollama_opts),
+            stream="application/x-ndjson")},
         "/v2/embed": {"post": op("Cohere v2 embed", "embed", obj(
             ["texts"], texts=arr(text(lim), lim), model=IGNORED, input_type=ANY_STR,
             embedding_types={"type": "array", "items": {"type": "string", "enum": ["float"]}}),

@@ -104,8 +104,7 @@ async def models(request: web.Request) -> web.Response:
 
 def _openai_request(body: dict[str, Any], limits: Limits, messages: tuple[tuple[str, str], ...],
                     prompt: str) -> GenerateRequest:
-    if body.get("n") not in (None, 1):
-        raise InvalidRequest("n must be 1 (one choice per request)")
+    gen.check_n(body)
     fmt = body.get("response_format")
     schema = ""
     if fmt is not None:

@@ -161,6 +161,8 @@ async def tokenize(request: web.Request) -> web.Response:
     assert prompt is not None
     add_special = optional_bool(body, "add_special_tokens", True)
     name = body.get("model")
+    if name is not None and not isinstance(name, str):
+        raise InvalidRequest("model must be a string")
     task = next((t for t in ("embed", "rerank", "expand")
                  if isinstance(name, str) and name == svc.scheduler.model_name(t)), "embed")
     ids, n_ctx = await svc.scheduler.token_ids(task, prompt, add_special)
