@@ -56,6 +56,9 @@ def high_level() -> ModuleType:
         del pkg.__getattr__
         assert pkg.__spec__ is not None and pkg.__spec__.loader is not None
         pkg.__spec__.loader.exec_module(pkg)  # reuses the bindings already imported
+        # The package installs its own log callback, which prints every llama.cpp line to
+        # stderr (one per call: a daemon whose stderr is a pipe nobody drains then blocks).
+        _quiet(lib())
     return importlib.import_module("llama_cpp")
 
 

@@ -26,7 +26,7 @@ from .conftest import start_daemon, wait_http
 
 LOAD_SECONDS = float(os.environ.get("NPUSERVE_TEST_LOAD_SECONDS", "20"))
 LOAD_CLIENTS = int(os.environ.get("NPUSERVE_TEST_LOAD_CLIENTS", "32"))
-FUZZ_EXAMPLES = int(os.environ.get("NPUSERVE_TEST_FUZZ_EXAMPLES", "15"))
+FUZZ_EXAMPLES = int(os.environ.get("NPUSERVE_TEST_FUZZ_EXAMPLES", "10"))
 REPORT = os.environ.get("NPUSERVE_TEST_RELIABILITY_REPORT")
 
 
