@@ -32,8 +32,8 @@ async def cohere_embed(request: web.Request) -> web.Response:
     kind = body.get("input_type")
     if kind is not None and kind not in INPUT_TYPES:
         raise InvalidRequest(f"input_type must be one of {', '.join(INPUT_TYPES)}")
-    types = body.get("embedding_types") or ["float"]
-    if types != ["float"]:
+    types = body.get("embedding_types")
+    if types is not None and types != ["float"]:
         raise InvalidRequest('embedding_types: only ["float"] is served')
     result = await svc.scheduler.embed(texts)
     return web.json_response(

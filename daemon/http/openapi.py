@@ -54,7 +54,7 @@ def op(summary: str, tag: str, body: Schema | None = None, ok: Schema | None = N
     responses: dict[str, Any] = {ok_status: {"description": "success", "content": {
         "application/json": {"schema": ok or {}}}}}
     if stream:  # the same status streamed (SSE or NDJSON), when the request asks
-        responses[ok_status]["content"][stream] = {"schema": {"type": "string"}}
+        responses[ok_status]["content"][stream] = {"schema": {}}
     for status in more_ok:
         responses[status] = {"description": "success", "content": {
             "application/json": {"schema": ok or {}}}}
@@ -137,7 +137,7 @@ def _conventions(lim: Limits) -> dict[str, Any]:
         "temperature": {"type": "number", "minimum": 0, "maximum": 2},
         "top_p": {"type": "number", "minimum": 0, "maximum": 1},
         "top_k": {"type": "integer", "minimum": 0, "maximum": 1000},
-        "seed": {"type": "integer"}, "stop": stop, "n": {"type": "integer", "enum": [1]},
+        "seed": {"type": "integer"}, "stop": stop, "n": {"type": "integer", "minimum": 1, "maximum": 1},
         "grammar": ANY_STR, "response_format": {"type": "object"},
         "stream_options": obj(include_usage=BOOL)}
     ollama_opts: dict[str, Schema] = {
