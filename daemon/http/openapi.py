@@ -137,7 +137,8 @@ def _conventions(lim: Limits) -> dict[str, Any]:
         "temperature": {"type": "number", "minimum": 0, "maximum": 2},
         "top_p": {"type": "number", "minimum": 0, "maximum": 1},
         "top_k": {"type": "integer", "minimum": 0, "maximum": 1000},
-        "seed": {"type": "integer"}, "stop": stop, "n": {"type": "integer", "minimum": 1, "maximum": 1},
+        "seed": {"type": "integer"}, "stop": stop,
+        "n": {"type": "integer", "minimum": 1, "maximum": 1},
         "grammar": ANY_STR, "response_format": {"type": "object"},
         "stream_options": obj(include_usage=BOOL)}
     ollama_opts: dict[str, Schema] = {
