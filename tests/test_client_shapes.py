@@ -225,6 +225,9 @@ async def test_a_client_that_leaves_mid_stream_stops_the_generation(client):
     ("/v1/completions", {"prompt": "x " * 3000, "max_tokens": 8}, 400, "context"),
     ("/api/generate", {"prompt": "x", "options": {"num_predict": -1}}, 400, "num_predict"),
     ("/api/generate", {"prompt": "x", "format": "yaml"}, 400, "format"),
+    ("/api/generate", {"prompt": "x", "format": {"": [{"": None}]}}, 400, "JSON schema"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0, "max_completion_tokens": 4}, 400,
+     "max_tokens"),
     ("/api/chat", {"messages": "hi"}, 400, "messages"),
 ])
 async def test_bad_generation_requests_are_4xx_json(client, path, body, status, needle):

@@ -85,12 +85,11 @@ def integer(body: dict[str, Any], name: str, default: int, lo: int, hi: int,
 
 def max_tokens(body: dict[str, Any], names: tuple[str, ...], limits: Limits,
                label_prefix: str = "") -> int:
-    """The first of `names` present, lowered to server.max_tokens; that cap if none."""
-    for name in names:
-        if body.get(name) is not None:
-            asked = integer(body, name, limits.max_tokens, 1, 1 << 31, label_prefix + name)
-            return min(asked, limits.max_tokens)
-    return limits.max_tokens
+    """The first of `names` present (each present one checked), lowered to
+    server.max_tokens; that cap if none."""
+    asked = [integer(body, name, limits.max_tokens, 1, 1 << 31, label_prefix + name)
+             for name in names if body.get(name) is not None]
+    return min(asked[0], limits.max_tokens) if asked else limits.max_tokens
 
 
 def stops(value: Any, limits: Limits, name: str = "stop") -> tuple[str, ...]:
