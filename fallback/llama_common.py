@@ -58,19 +58,37 @@ def runnable_elsewhere(proc: Path = PROC, samples: int = 3) -> int:
     return min(seen) if seen else 0
 
 
+# The watch sleeps once no call has asked for this long: an idle worker scans nothing.
+WATCH_IDLE_SECONDS = 10.0
+
+
 class _BusyWatch:
     """Counts other processes' runnable threads once a second on a thread of its own, so a
-    call reads the figure without waiting for a scan of /proc (~10 ms)."""
+    call reads the figure without waiting for a scan of /proc (~10 ms) - while calls come;
+    the first call after a pause scans in line and wakes it."""
 
     def __init__(self, proc: Path) -> None:
         self.proc = proc
+        self.wake = threading.Event()
+        self.used = self.fresh_at = time.monotonic()
         self.busy = runnable_elsewhere(proc)
         threading.Thread(target=self._run, name="busy-watch", daemon=True).start()
 
+    def read(self) -> int:
+        now = time.monotonic()
+        self.used = now
+        if now - self.fresh_at > 2.0:  # the watch was asleep: its figure is old
+            self.busy, self.fresh_at = runnable_elsewhere(self.proc), now
+            self.wake.set()
+        return self.busy
+
     def _run(self) -> None:
         while True:
+            self.wake.clear()  # before the check: a read() after it sets it again
+            if time.monotonic() - self.used > WATCH_IDLE_SECONDS:
+                self.wake.wait()
             time.sleep(1.0)
-            self.busy = runnable_elsewhere(self.proc)
+            self.busy, self.fresh_at = runnable_elsewhere(self.proc), time.monotonic()
 
 
 _watches: dict[Path, _BusyWatch] = {}
@@ -89,7 +107,7 @@ def threads_now(limit: int, proc: Path | None = None) -> int:
     with _watch_lock:
         watch = _watches.get(root) or _watches.setdefault(root, _BusyWatch(root))
     cores = thread_count(0)
-    return max(1, min(limit, cores - watch.busy))
+    return max(1, min(limit, cores - watch.read()))
 
 
 def set_threads(lib: Any, ctx: Any, requested: int) -> int:

@@ -328,10 +328,9 @@ class Scheduler:
         work = Work(1, (), prefix_chars=request.chars, generated=request.max_tokens)
 
         def make(mid: str, _cap: int) -> wp.Request:
-            return wp.Generate(mid, request.messages, request.prompt, request.max_tokens,
-                               request.temperature, request.top_p, request.top_k,
-                               request.seed, request.stop, request.grammar,
-                               request.json_schema, on_piece is not None)
+            # The worker's request is the client's, addressed to a model, streamed or not.
+            fields = {f.name: getattr(request, f.name) for f in dataclasses.fields(request)}
+            return wp.Generate(mid, stream=on_piece is not None, **fields)
 
         reply, timing = await self._submit("generate", make, work, on_partial=on_piece)
         assert isinstance(reply, wp.Generated)
