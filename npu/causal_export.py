@@ -1,6 +1,7 @@
 """Export a causal language model (a llama-architecture GGUF) as an ONNX rerank graph.
 
-The graph takes `input_ids` int64 [1, seq_len], right-padded, and returns the logits of
+The graph takes `inputs_embeds` float16 [1, seq_len, dim] (the token embeddings: RKNNLite
+takes no int64, and int16 ids wrap above 32,767), right-padded, and returns the logits of
 the "yes" and "no" tokens at every position, `yes_no_logits` float [1, seq_len, 2]:
 causal attention means padding after the prompt changes nothing before it, so no
 attention mask is needed and the caller reads the row of the prompt's last token. Of the
@@ -75,11 +76,23 @@ def read_weights(reader: Any) -> dict[str, np.ndarray]:
             for t in reader.tensors}
 
 
+RMS_SCALE = 4.0
+
+
 def _rms_norm(g: GraphBuilder, x: str, w: np.ndarray, eps: float, name: str) -> str:
-    """llama.cpp's RMS norm: x / sqrt(mean(x^2) + eps) * w (opset 17 has no RMSNorm op)."""
-    mean_sq = g.op("ReduceMean", [g.op("Mul", [x, x])], axes=[-1], keepdims=1)
-    root = g.op("Sqrt", [g.op("Add", [mean_sq, "eps"])])
-    return g.op("Mul", [g.op("Div", [x, root]), g.const(name, w.astype(np.float32))])
+    """llama.cpp's RMS norm, x / sqrt(mean(x^2) + eps) * w (opset 17 has no RMSNorm op),
+    written so that no intermediate overflows fp16 on the NPU (max 65,504): squaring x
+    directly overflows at |x| > 256, and a sum of squares sooner. Each element is scaled
+    by 1/(RMS_SCALE sqrt(dim)) before it is squared, so the sum is mean(x^2) / RMS_SCALE^2:
+    fine up to an RMS of 1,024 (and elements up to ~24,000), while an RMS of 0.1 still
+    leaves 6e-4, above fp16's subnormals. The same value in exact arithmetic."""
+    dim = w.shape[-1]
+    y = g.op("Mul", [x, g.const(f"{name}.pre", np.array(1 / (RMS_SCALE * np.sqrt(dim)),
+                                                        np.float32))])
+    mean_sq = g.op("ReduceSum", [g.op("Mul", [y, y]), "last_axis"], keepdims=1)
+    root = g.op("Sqrt", [g.op("Add", [mean_sq, "eps_scaled"])])
+    scaled = g.op("Mul", [x, g.const(f"{name}.post", np.array(1 / RMS_SCALE, np.float32))])
+    return g.op("Mul", [g.op("Div", [scaled, root]), g.const(name, w.astype(np.float32))])
 
 
 def _matmul(g: GraphBuilder, x: str, w: np.ndarray, name: str) -> str:
@@ -121,9 +134,19 @@ def _repeat_kv(w: np.ndarray, shape: LlamaShape) -> np.ndarray:
     return np.repeat(per_head, shape.n_head // shape.n_head_kv, axis=0).reshape(-1, w.shape[-1])
 
 
+def token_embeddings(gguf_path: Path) -> np.ndarray:
+    """The GGUF's token-embedding matrix [vocab, dim], dequantised."""
+    import gguf
+
+    return read_weights(gguf.GGUFReader(str(gguf_path)))["token_embd.weight"]
+
+
 def build_rerank_onnx(gguf_path: Path, seq_len: int, yes_id: int, no_id: int,
                       out_path: Path) -> None:
-    """Write the rerank graph of a llama GGUF: input_ids [1, L] -> yes_no_logits [1, L, 2]."""
+    """Write the rerank graph of a llama GGUF: inputs_embeds float16 [1, L, dim] (the token
+    embeddings, looked up on the host: npu/token_table.py) -> yes_no_logits [1, L, 2]. No
+    mask: the prompt is right-padded and causal attention keeps the padding out of every
+    position up to its last token, the one the score reads."""
     import gguf
     from onnx import TensorProto, helper
 
@@ -136,14 +159,15 @@ def build_rerank_onnx(gguf_path: Path, seq_len: int, yes_id: int, no_id: int,
     g.const("rope_cos", cos)
     g.const("rope_sin", sin)
     g.const("rope_swap", swap)
-    g.const("eps", np.array(shape.eps, np.float32))
+    g.const("eps_scaled", np.array(shape.eps / RMS_SCALE**2, np.float32))
+    g.const("last_axis", np.array([-1], np.int64))
     g.const("split_shape", np.array([1, seq_len, shape.n_head, shape.head_dim], np.int64))
     g.const("merge_shape", np.array([1, seq_len, shape.dim], np.int64))
     g.const("scale", np.array(1.0 / np.sqrt(shape.head_dim), np.float32))
     causal = np.triu(np.full((seq_len, seq_len), MASKED, np.float32), k=1)[None, None]
     g.const("causal_mask", causal)
 
-    x = g.op("Gather", [g.const("token_embd", w["token_embd.weight"]), "input_ids"])
+    x = g.op("Cast", ["inputs_embeds"], to=TensorProto.FLOAT)
     for i in range(shape.n_layer):
         p = f"blk.{i}."
         h = _rms_norm(g, x, w[p + "attn_norm.weight"], shape.eps, f"l{i}.attn_norm")
@@ -164,6 +188,7 @@ def build_rerank_onnx(gguf_path: Path, seq_len: int, yes_id: int, no_id: int,
     head = w.get("output.weight", w["token_embd.weight"])  # tied embeddings: no output.weight
     logits = _matmul(g, x, head[[yes_id, no_id]], "yes_no_head")
     save_model(g, logits, OUTPUT, "causal_lm_rerank",
-               [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, seq_len])],
+               [helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT16,
+                                              [1, seq_len, shape.dim])],
                helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, [1, seq_len, 2]),
                out_path)

@@ -18,14 +18,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .model_dir import write_manifest
-from .onnx_export import build_bert_onnx
+from .model_dir import FORMAT, write_manifest
+from .onnx_export import bert_weights, build_bert_onnx
+from .token_table import write_table
 
 Say = Callable[[str], None]
 DEFAULT_BUCKETS = (128, 512)
 # A built graph whose simulated output drifts further than this from onnxruntime's is
 # not written: fp16 on the NPU keeps sentence embeddings above 0.999 when all is well.
 MIN_SIMULATOR_COSINE = 0.99
+# rknn-toolkit2's target_platform: a graph built for one SoC is refused on another.
+DEFAULT_TARGET = "rk3588"
 SAMPLE_TEXTS = ("How do I verify the signature of a Debian package?",
                 "The RK3588 has a three-core NPU of 6 TOPS.",
                 "sqlite full text search ranks documents with bm25")
@@ -45,7 +48,7 @@ Compare = Callable[[Any, Any, int], float]  # (simulated, reference, sample) -> 
 
 
 def build_rknn(onnx_path: Path, rknn_path: Path, samples: Samples, compare: Compare,
-               minimum: float, platform: str = "rk3588") -> float:
+               minimum: float, platform: str = DEFAULT_TARGET) -> float:
     """rknn-toolkit2: ONNX -> .rknn (fp16, no quantisation), checked on the toolkit's
     simulator first: returns the worst agreement between simulated and onnxruntime
     outputs over the samples, and refuses the graph below `minimum`. The NPU itself:
@@ -72,21 +75,20 @@ def build_rknn(onnx_path: Path, rknn_path: Path, samples: Samples, compare: Comp
         rknn.release()
 
 
-def sample_inputs(tokenizer: Path, seq_len: int) -> Samples:
-    """SAMPLE_TEXTS as the embedding graph's static int64 inputs (ids, mask), padded."""
-    import numpy as np
+def sample_inputs(tokenizer: Path, table: Path, seq_len: int) -> Samples:
+    """SAMPLE_TEXTS as the embedding graph's static inputs (embedded tokens, mask)."""
     from tokenizers import Tokenizer
+
+    from .token_table import TokenTable, float_mask
 
     tok = Tokenizer.from_file(str(tokenizer))
     tok.no_padding()
     tok.enable_truncation(seq_len)
+    rows = TokenTable(table)
     out = []
     for text in SAMPLE_TEXTS:
         ids = tok.encode(text).ids
-        padded = np.zeros((1, seq_len), dtype=np.int64)
-        mask = np.zeros((1, seq_len), dtype=np.int64)
-        padded[0, :len(ids)], mask[0, :len(ids)] = ids, 1
-        out.append([padded, mask])
+        out.append([rows.embeds(ids, seq_len), float_mask(len(ids), seq_len)])
     return out
 
 
@@ -118,34 +120,38 @@ def simulator_agreement(rknn: Any, onnx_path: Path, samples: Samples, compare: C
 
 
 def convert_embedding(hf_dir: Path, out_dir: Path, name: str,
-                      buckets: tuple[int, ...] = DEFAULT_BUCKETS, say: Say = print) -> Path:
+                      buckets: tuple[int, ...] = DEFAULT_BUCKETS, say: Say = print,
+                      target: str = DEFAULT_TARGET) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     have_toolkit = importlib.util.find_spec("rknn") is not None
     entries = []
-    dim = 0
+    table = write_table(out_dir, bert_weights(hf_dir)["embeddings.word_embeddings.weight"])
+    shutil.copy(hf_dir / "tokenizer.json", out_dir / "tokenizer.json")
     for seq_len in sorted(buckets):
         onnx_path = out_dir / f"model_{seq_len}.onnx"
         say(f"exporting ONNX, sequence length {seq_len}")
         build_bert_onnx(hf_dir, seq_len, onnx_path)
         rknn_path = out_dir / f"model_{seq_len}.rknn"
         if have_toolkit:
-            say(f"building {rknn_path.name} for rk3588 with rknn-toolkit2")
+            say(f"building {rknn_path.name} for {target} with rknn-toolkit2")
             cosine = build_rknn(onnx_path, rknn_path,
-                                sample_inputs(hf_dir / "tokenizer.json", seq_len), cosine_of,
-                                MIN_SIMULATOR_COSINE)
+                                sample_inputs(out_dir / "tokenizer.json", out_dir / table,
+                                              seq_len), cosine_of,
+                                MIN_SIMULATOR_COSINE, target)
             say(f"{rknn_path.name}: simulator vs onnxruntime, smallest cosine {cosine:.6f}"
                 f" over {len(SAMPLE_TEXTS)} texts")
         entries.append({"seq_len": seq_len, "rknn": rknn_path.name, "onnx": onnx_path.name})
     import json
 
     dim = int(json.loads((hf_dir / "config.json").read_text())["hidden_size"])
-    shutil.copy(hf_dir / "tokenizer.json", out_dir / "tokenizer.json")
     write_manifest(out_dir, {
-        "format": 1, "task": "embed", "name": name, "dim": dim, "buckets": entries,
-        "inputs": [{"name": "input_ids", "dtype": "int64"},
-                   {"name": "attention_mask", "dtype": "int64"}],
+        "format": FORMAT, "task": "embed", "name": name, "dim": dim, "buckets": entries,
+        "inputs": [{"name": "inputs_embeds", "dtype": "float16"},
+                   {"name": "attention_mask", "dtype": "float16"}],
+        "token_embeddings": table,
         "pooling": "in_graph", "normalize": "in_graph", "tokenizer": "tokenizer.json",
         "toolkit_version": toolkit_version() if have_toolkit else None,
+        "target_platform": target,
     })
     if not have_toolkit:
         say("rknn-toolkit2 is not installed: no .rknn files were built. The ONNX twins run"
@@ -163,29 +169,30 @@ SAMPLE_PAIRS = (("how does apt verify package signatures",
                  "The RK3588 has a three-core NPU of 6 TOPS."))
 
 
-def rerank_samples(tokenizer: Path, seq_len: int) -> tuple[Samples, list[int]]:
+def rerank_samples(tokenizer: Path, table: Path, seq_len: int) -> tuple[Samples, list[int]]:
     """SAMPLE_PAIRS as right-padded judgement prompts, and each prompt's length."""
-    import numpy as np
     from tokenizers import Tokenizer
 
     from npuserve.daemon.config import DEFAULT_INSTRUCTION, DEFAULT_RERANK_TEMPLATE
     from npuserve.daemon.models.qmd_conventions import split_rerank_template
 
+    from .token_table import TokenTable
+
     tok = Tokenizer.from_file(str(tokenizer))
+    rows = TokenTable(table)
     samples, lengths = [], []
     for query, doc in SAMPLE_PAIRS:
         before, after = split_rerank_template(DEFAULT_RERANK_TEMPLATE, DEFAULT_INSTRUCTION,
                                               query)
         ids = tok.encode(before + doc + after, add_special_tokens=False).ids[:seq_len]
-        padded = np.zeros((1, seq_len), dtype=np.int64)
-        padded[0, :len(ids)] = ids
-        samples.append([padded])
+        samples.append([rows.embeds(ids, seq_len)])
         lengths.append(len(ids))
     return samples, lengths
 
 
 def convert_rerank(gguf_path: Path, out_dir: Path, name: str,
-                   buckets: tuple[int, ...] = DEFAULT_RERANK_BUCKETS, say: Say = print) -> Path:
+                   buckets: tuple[int, ...] = DEFAULT_RERANK_BUCKETS, say: Say = print,
+                   target: str = DEFAULT_TARGET) -> Path:
     """A causal-LM GGUF (the CPU twin) -> an NPU rerank directory: tokenizer.json rebuilt
     from the GGUF, one yes/no-logit graph per bucket, .rknn files where the toolkit is."""
     import gguf
@@ -193,7 +200,7 @@ def convert_rerank(gguf_path: Path, out_dir: Path, name: str,
 
     from npuserve.daemon.models.qmd_conventions import p_yes
 
-    from .causal_export import build_rerank_onnx, read_shape
+    from .causal_export import build_rerank_onnx, read_shape, token_embeddings
     from .gguf_tokenizer import tokenizer_from_gguf
 
     read_shape(gguf.GGUFReader(str(gguf_path)))  # refuses an architecture it cannot export
@@ -204,31 +211,34 @@ def convert_rerank(gguf_path: Path, out_dir: Path, name: str,
     # The score's tokens, found as the CPU backend finds them: the first token of each word.
     yes_id, no_id = (tok.encode(w, add_special_tokens=False).ids[0] for w in ("yes", "no"))
     have_toolkit = importlib.util.find_spec("rknn") is not None
+    table = write_table(out_dir, token_embeddings(gguf_path))
     entries = []
     for seq_len in sorted(buckets):
         onnx_path, rknn_path = out_dir / f"model_{seq_len}.onnx", out_dir / f"model_{seq_len}.rknn"
         say(f"exporting the rerank graph, sequence length {seq_len}")
         build_rerank_onnx(gguf_path, seq_len, yes_id, no_id, onnx_path)
         if have_toolkit:
-            samples, lengths = rerank_samples(tokenizer, seq_len)
+            samples, lengths = rerank_samples(tokenizer, out_dir / table, seq_len)
 
             def agreement(sim: Any, ref: Any, k: int, lengths: list[int] = lengths) -> float:
                 rows = [x.reshape(-1, 2)[lengths[k] - 1] for x in (sim, ref)]
                 return 1.0 - abs(p_yes(*map(float, rows[0])) - p_yes(*map(float, rows[1])))
 
-            say(f"building {rknn_path.name} for rk3588 with rknn-toolkit2")
+            say(f"building {rknn_path.name} for {target} with rknn-toolkit2")
             worst = build_rknn(onnx_path, rknn_path, samples, agreement,
-                               1.0 - MAX_SIMULATOR_P_YES_DIFF)
+                               1.0 - MAX_SIMULATOR_P_YES_DIFF, target)
             say(f"{rknn_path.name}: simulator vs onnxruntime, largest P(yes) difference"
                 f" {1.0 - worst:.6f} over {len(samples)} prompts")
         entries.append({"seq_len": seq_len, "rknn": rknn_path.name, "onnx": onnx_path.name})
     write_manifest(out_dir, {
-        "format": 1, "task": "rerank", "name": name, "dim": 2, "buckets": entries,
-        "inputs": [{"name": "input_ids", "dtype": "int64"}],
+        "format": FORMAT, "task": "rerank", "name": name, "dim": 2, "buckets": entries,
+        "inputs": [{"name": "inputs_embeds", "dtype": "float16"}],
+        "token_embeddings": table,
         "pooling": "last", "normalize": "none", "tokenizer": "tokenizer.json",
         "rerank": {"yes_id": yes_id, "no_id": no_id, "columns": ["yes", "no"],
                    "source": gguf_path.name},
         "toolkit_version": toolkit_version() if have_toolkit else None,
+        "target_platform": target,
     })
     if not have_toolkit:
         say("rknn-toolkit2 is not installed: no .rknn files were built (the ONNX twins run"

@@ -18,14 +18,18 @@ def graph_files(spec: ModelSpec) -> list[str]:
     except ManifestError:
         return []  # the load will say what is wrong
     reference = spec.option("npu_runtime") == "reference"
-    return [str(model.root / (b.onnx if reference else b.rknn)) for b in model.buckets]
+    graphs = [str(model.root / (b.onnx if reference else b.rknn)) for b in model.buckets]
+    return [*graphs, str(model.root / model.token_embeddings)]
 
 
 def graph_memory(spec: ModelSpec) -> int:
-    """Every RKNNLite context holds its own copy of each graph: files x cores."""
+    """Every RKNNLite context holds its own copy of each graph: graphs x cores; the token
+    table is memory-mapped once."""
     cores = int(spec.option("npu_cores", 3))  # type: ignore[call-overload]
-    sizes = [Path(f).stat().st_size for f in graph_files(spec) if Path(f).is_file()]
-    return sum(sizes) * cores
+    files = [Path(f) for f in graph_files(spec) if Path(f).is_file()]
+    graphs = sum(f.stat().st_size for f in files if not f.name.endswith(".npy"))
+    table = sum(f.stat().st_size for f in files if f.name.endswith(".npy"))
+    return graphs * cores + table
 
 
 RKNN_EMBED = BackendKind(

@@ -14,8 +14,7 @@ from npuserve.daemon.worker.protocol import ModelSpec
 from .detect import installed_runtime_version, model_version_problem
 from .model_dir import Bucket, ManifestError, NpuModel, load_manifest
 from .rknn_runtime import ContextPool, NpuError
-
-DTYPES = {"int64": np.int64, "int32": np.int32, "int16": np.int16, "float32": np.float32}
+from .token_table import TokenTable, float_mask
 
 
 class NpuModelBackend(Backend):
@@ -26,6 +25,7 @@ class NpuModelBackend(Backend):
         self.model: NpuModel | None = None
         self.tokenizer: Any = None
         self.pools: dict[int, ContextPool] = {}
+        self.table: TokenTable | None = None
 
     def _manifest(self) -> NpuModel:
         if self.model is None:
@@ -60,6 +60,10 @@ class NpuModelBackend(Backend):
     def load(self) -> LoadInfo:
         model = self._manifest()
         self._tokenizer()
+        try:
+            self.table = TokenTable(model.root / model.token_embeddings)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{model.root}: token embeddings: {exc}") from None
         cores = int(self.spec.option("npu_cores", 3))
         runtime = str(self.spec.option("npu_runtime", "rknnlite"))
         try:
@@ -85,20 +89,24 @@ class NpuModelBackend(Backend):
         for pool in self.pools.values():
             pool.release()
         self.pools = {}
+        self.table = None
 
 
     def _inputs(self, ids: list[int], bucket: Bucket) -> list[np.ndarray]:
+        """The graph's static inputs: the tokens' embedding rows (looked up here, not in the
+        graph: RKNNLite takes no int64 ids) and, where the graph has one, a float mask."""
         model = self._manifest()
-        n = len(ids)
+        if self.table is None:
+            raise BackendError(f"NPU {self.task} model is not loaded")
         arrays = []
         for spec in model.inputs:
-            arr = np.zeros((1, bucket.seq_len), dtype=DTYPES[spec.get("dtype", "int64")])
-            if spec["name"] == "input_ids":
-                arr[0, :n] = ids
+            if spec["name"] == "inputs_embeds":
+                arrays.append(self.table.embeds(ids, bucket.seq_len))
             elif spec["name"] == "attention_mask":
-                arr[0, :n] = 1
-            # token_type_ids stay zero
-            arrays.append(arr)
+                arrays.append(float_mask(len(ids), bucket.seq_len))
+            else:
+                raise BackendError(f"NPU model input {spec['name']!r} is not one npuserve"
+                                   " feeds")
         return arrays
 
     def _run(self, jobs: list[tuple[list[int], Bucket]]) -> list[np.ndarray]:

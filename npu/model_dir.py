@@ -1,16 +1,21 @@
 """An NPU model directory: static-shape graphs per sequence-length bucket, the
 tokenizer, and a manifest that says how to feed and read them.
 
-    manifest.json  {"format": 1, "task": "embed", "name": ..., "dim": 384,
+    manifest.json  {"format": 2, "task": "embed", "name": ..., "dim": 384,
                     "buckets": [{"seq_len": 128, "rknn": "model_128.rknn",
                                  "onnx": "model_128.onnx"}, ...],
-                    "inputs": [{"name": "input_ids", "dtype": "int64"},
-                               {"name": "attention_mask", "dtype": "int64"}],
+                    "inputs": [{"name": "inputs_embeds", "dtype": "float16"},
+                               {"name": "attention_mask", "dtype": "float16"}],
+                    "token_embeddings": "token_embeddings.f16.npy",
                     "pooling": "in_graph" | "mean" | "cls",
                     "normalize": "in_graph" | "numpy" | "none",
                     "tokenizer": "tokenizer.json",
                     "rerank": {"yes_id": ..., "no_id": ..., "template": ...},
-                    "toolkit_version": "2.5.0"}   # rknn-toolkit2 that built the .rknn files
+                    "toolkit_version": "2.5.0",   # rknn-toolkit2 that built the .rknn files
+                    "target_platform": "rk3588"}  # the SoC they were built for
+
+Format 1 (before 2026-12) fed token ids as int64, which RKNNLite does not take: such a
+directory is refused with the advice to convert it again.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
+FORMAT = 2
+# The input dtypes RKNNLite documents; anything else is refused when the manifest is read.
+RKNN_INPUT_DTYPES = ("int8", "uint8", "int16", "float16", "float32")
 POOLINGS = ("in_graph", "mean", "cls", "last")
 NORMALIZE = ("in_graph", "numpy", "none")
 
@@ -48,9 +56,13 @@ class NpuModel:
     normalize: str
     tokenizer: str
     rerank: dict[str, Any] = field(default_factory=dict)
+    token_embeddings: str = ""  # the host-side lookup table (npu/token_table.py)
     # The rknn-toolkit2 that built the .rknn graphs (None: not built, or an older manifest);
     # a board's librknnrt older than it refuses them.
     toolkit_version: str | None = None
+    # The SoC the .rknn graphs were built for (rknn-toolkit2's target_platform; None: an
+    # older manifest, built for the rk3588).
+    target_platform: str | None = None
 
     def bucket_for(self, n_tokens: int) -> Bucket:
         """The smallest bucket that fits, else the largest (the caller truncates)."""
@@ -69,7 +81,10 @@ def load_manifest(root: Path) -> NpuModel:
         data = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ManifestError(f"{root / MANIFEST}: {exc}") from None
-    if data.get("format") != 1:
+    if data.get("format") == 1:
+        raise ManifestError(f"{root}: made by an older npuserve convert, whose graphs take"
+                            " int64 token ids (RKNNLite takes no int64): convert it again")
+    if data.get("format") != FORMAT:
         raise ManifestError(f"{root}: unsupported manifest format {data.get('format')!r}")
     try:
         buckets = sorted((Bucket(int(b["seq_len"]), str(b["rknn"]), str(b["onnx"]))
@@ -79,11 +94,18 @@ def load_manifest(root: Path) -> NpuModel:
                          pooling=str(data["pooling"]), normalize=str(data["normalize"]),
                          tokenizer=str(data.get("tokenizer", "tokenizer.json")),
                          rerank=dict(data.get("rerank", {})),
-                         toolkit_version=data.get("toolkit_version"))
+                         token_embeddings=str(data["token_embeddings"]),
+                         toolkit_version=data.get("toolkit_version"),
+                         target_platform=data.get("target_platform"))
     except (KeyError, TypeError, ValueError) as exc:
         raise ManifestError(f"{root / MANIFEST}: missing or bad field: {exc}") from None
     if not buckets:
         raise ManifestError(f"{root}: no buckets")
+    bad = [i for i in model.inputs if i.get("dtype") not in RKNN_INPUT_DTYPES]
+    if bad:
+        raise ManifestError(f"{root}: input {bad[0].get('name')!r} is"
+                            f" {bad[0].get('dtype')!r}; RKNNLite takes"
+                            f" {', '.join(RKNN_INPUT_DTYPES)}")
     if model.pooling not in POOLINGS or model.normalize not in NORMALIZE:
         raise ManifestError(f"{root}: pooling must be one of {POOLINGS}, normalize one of"
                             f" {NORMALIZE}")

@@ -35,20 +35,27 @@ def _layer_norm(g: GraphBuilder, x: str, w: np.ndarray, b: np.ndarray, eps: floa
                 axis=-1, epsilon=eps)
 
 
-def build_bert_onnx(model_dir: Path, seq_len: int, out_path: Path) -> None:
-    """Write an ONNX graph: (input_ids, attention_mask) int64 [1, seq_len] -> embedding [1, dim]."""
-    from onnx import TensorProto, helper
+def bert_weights(model_dir: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
+    return {k.removeprefix("bert."): v
+            for k, v in load_file(str(model_dir / "model.safetensors")).items()}
+
+
+def build_bert_onnx(model_dir: Path, seq_len: int, out_path: Path) -> None:
+    """Write an ONNX graph: inputs_embeds float16 [1, seq_len, dim] (the token embeddings,
+    looked up on the host: npu/token_table.py) and attention_mask float16 [1, seq_len] ->
+    embedding [1, dim]."""
+    from onnx import TensorProto, helper
+
     hp = _read_json(model_dir / "config.json")
-    w = {k.removeprefix("bert."): v for k, v in load_file(str(model_dir / "model.safetensors"))
-         .items()}
+    w = bert_weights(model_dir)
     dim, heads = int(hp["hidden_size"]), int(hp["num_attention_heads"])
     head_dim, eps = dim // heads, float(hp["layer_norm_eps"])
     g = GraphBuilder()
 
-    ids, mask = "input_ids", "attention_mask"
-    emb = g.op("Gather", [g.const("word_embeddings", w["embeddings.word_embeddings.weight"]), ids])
+    embeds, mask = "inputs_embeds", "attention_mask"
+    emb = g.op("Cast", [embeds], to=TensorProto.FLOAT)
     pos = w["embeddings.position_embeddings.weight"][:seq_len] + \
         w["embeddings.token_type_embeddings.weight"][0]
     x = g.op("Add", [emb, g.const("pos_type", pos[None].astype(np.float32))])
@@ -99,7 +106,7 @@ def build_bert_onnx(model_dir: Path, seq_len: int, out_path: Path) -> None:
     norm = g.op("ReduceL2", [pooled], axes=[1], keepdims=1)  # axes is an attribute before 18
     out = g.op("Div", [pooled, g.op("Max", [norm, g.const("tiny", np.array(1e-12, np.float32))])])
     save_model(g, out, "embedding", "bert_embedding",
-               [helper.make_tensor_value_info(ids, TensorProto.INT64, [1, seq_len]),
-                helper.make_tensor_value_info(mask, TensorProto.INT64, [1, seq_len])],
+               [helper.make_tensor_value_info(embeds, TensorProto.FLOAT16, [1, seq_len, dim]),
+                helper.make_tensor_value_info(mask, TensorProto.FLOAT16, [1, seq_len])],
                helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [1, dim]),
                out_path)

@@ -13,6 +13,12 @@ NPU's speed or its driver's failures, so those are injected:
 Counts are per process (the worker), across contexts. RKNN_REFERENCE_FAULT_FILE=PATH reads
 the same spec from a file at every call instead (empty or missing: no fault), so a fault can
 be injected and removed while the worker runs.
+
+It is strict where RKNNLite is: a graph whose inputs are not of the dtypes RKNNLite
+documents (int8, uint8, int16, float16, float32) does not initialise, and an inference
+whose inputs are of another dtype, another shape, or another count than the graph's
+returns None, so CI fails where the board would. Float inputs are converted to the
+graph's float type, as the runtime converts them.
 """
 
 from __future__ import annotations
@@ -34,6 +40,10 @@ _VALID_MASKS = {NPU_CORE_AUTO, NPU_CORE_0, NPU_CORE_1, NPU_CORE_2, NPU_CORE_0_1,
                 NPU_CORE_0_1_2, NPU_CORE_ALL}
 _calls = 0
 _calls_lock = threading.Lock()
+# The input dtypes RKNNLite documents, as numpy and as ONNX spells them.
+RKNN_DTYPES = {np.dtype(t) for t in ("int8", "uint8", "int16", "float16", "float32")}
+_ONNX_TYPES = {"tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(int16)": np.int16,
+               "tensor(float16)": np.float16, "tensor(float)": np.float32}
 
 
 def _fault() -> tuple[str, int]:
@@ -84,13 +94,43 @@ class ReferenceRKNNLite:
 
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = 1  # one "core" per context, like the NPU
-            self.session = ort.InferenceSession(str(self.path), opts,
-                                                providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(str(self.path), opts,
+                                           providers=["CPUExecutionProvider"])
         except Exception as exc:  # RKNNLite logs and returns -1; so do we
             log.error("E init_runtime: %s", exc)
             return -1
+        for inp in session.get_inputs():
+            if inp.type not in _ONNX_TYPES:
+                log.error("E RKNN: input %r is %s: the runtime supports int8, uint8, int16,"
+                          " float16 and float32 inputs", inp.name, inp.type)
+                return -1
+        self.session = session
         self.core_mask = core_mask
         return 0
+
+    def _checked(self, inputs: list[np.ndarray]) -> dict[str, np.ndarray] | None:
+        """The inputs as the graph takes them, or None (logged) where RKNNLite refuses."""
+        graph = self.session.get_inputs()
+        if len(inputs) != len(graph):
+            log.error("E RKNN: %d inputs given, the model has %d", len(inputs), len(graph))
+            return None
+        feed = {}
+        for arr, inp in zip(inputs, graph, strict=True):
+            arr = np.asarray(arr)
+            if arr.dtype not in RKNN_DTYPES:
+                log.error("E RKNN: input %r has unsupported dtype %s", inp.name, arr.dtype)
+                return None
+            if list(arr.shape) != list(inp.shape):
+                log.error("E RKNN: input %r has shape %s, the model's is %s", inp.name,
+                          list(arr.shape), inp.shape)
+                return None
+            want = _ONNX_TYPES[inp.type]
+            if arr.dtype != want and not (arr.dtype.kind == "f" and np.dtype(want).kind == "f"):
+                log.error("E RKNN: input %r is %s, the model takes %s", inp.name, arr.dtype,
+                          np.dtype(want))
+                return None
+            feed[inp.name] = arr.astype(want, copy=False)
+        return feed
 
     def inference(self, inputs: list[np.ndarray] | None = None, data_type: Any = None,
                   data_format: Any = None, inputs_pass_through: Any = None,
@@ -110,9 +150,11 @@ class ReferenceRKNNLite:
             log.error("E failed to submit!")
             while True:
                 time.sleep(3600)
+        feed = self._checked(inputs)
+        if feed is None:
+            return None
         try:
-            names = [i.name for i in self.session.get_inputs()]
-            return self.session.run(None, dict(zip(names, inputs, strict=True)))
+            return self.session.run(None, feed)
         except Exception as exc:
             log.error("E inference: %s", exc)
             return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -159,7 +160,7 @@ def wait_http(url: str, timeout: float = 30.0) -> None:
 @pytest.fixture(scope="session")
 def npu_model(models_dir: Path, tmp_path_factory) -> Path:
     out = models_dir / "all-minilm-l6-v2-npu"
-    if not (out / "manifest.json").is_file():
+    if not _current(out):
         from npuserve.npu.convert import convert_embedding  # needs the convert extra
 
         model = next(m for m in DEFAULT_SET if "embed" in m.tasks)
@@ -174,12 +175,23 @@ def npu_rerank_model(models_dir: Path) -> Path:
     """SmolLM2 (the default rerank GGUF) as an NPU rerank directory: two small buckets
     keep the ONNX twins (~0.6 GB each, float32) and the tests quick."""
     out = models_dir / "smollm2-135m-instruct-rerank-npu"
-    if not (out / "manifest.json").is_file():
+    if not _current(out):
         from npuserve.npu.convert import convert_rerank  # needs the convert extra
 
         convert_rerank(rerank_gguf(models_dir), out, "smollm2-135m-instruct", (128, 256),
                        say=lambda m: None)
     return out
+
+
+def _current(npu_dir: Path) -> bool:
+    """A converted directory of this npuserve's manifest format (an older one is made
+    again: its graphs took int64 ids)."""
+    from npuserve.npu.model_dir import FORMAT
+
+    try:
+        return json.loads((npu_dir / "manifest.json").read_text())["format"] == FORMAT
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def rerank_gguf(models_dir: Path) -> Path:

@@ -15,7 +15,7 @@ from npuserve.daemon.models.backend_api import ModelLoadError
 from npuserve.daemon.models.registry import npu_model_problems
 from npuserve.daemon.worker.protocol import ModelSpec
 from npuserve.npu import detect as detect_module
-from npuserve.npu.detect import detect
+from npuserve.npu.detect import NpuReport, detect
 from npuserve.npu.embed_backend import NpuEmbedBackend
 from npuserve.npu.reference_runtime import ReferenceRKNNLite
 from npuserve.npu.rknn_runtime import ContextPool, NpuError
@@ -142,18 +142,45 @@ async def test_npu_reprobe_returns_work_to_the_npu(npu_client, monkeypatch):
     assert health["devices"]["embed"]["device"] == "npu"
 
 
+def _inputs(seq_len: int = 128, dtype: type = np.float16) -> list[np.ndarray]:
+    return [np.zeros((1, seq_len, 384), dtype), np.ones((1, seq_len), dtype)]
+
+
 def test_reference_runtime_failure_conventions(npu_model, monkeypatch, caplog):
     rk = ReferenceRKNNLite()
     assert rk.load_rknn(str(npu_model / "missing.rknn")) == -1
     assert rk.init_runtime() == -1  # nothing loaded
     assert rk.load_rknn(str(npu_model / "model_128.rknn")) == 0
     assert rk.init_runtime(core_mask=5) == -1  # masks 5 and 6 are rejected
-    assert rk.inference(inputs=[np.zeros((1, 128), np.int64)] * 2) is None
+    assert rk.inference(inputs=_inputs()) is None  # not initialised
     assert rk.init_runtime(core_mask=ReferenceRKNNLite.NPU_CORE_1) == 0
-    out = rk.inference(inputs=[np.zeros((1, 128), np.int64), np.ones((1, 128), np.int64)])
+    out = rk.inference(inputs=_inputs())
     assert out is not None and out[0].shape == (1, 384)
-    assert rk.inference(inputs=[np.zeros((1, 64), np.int64)] * 2) is None  # wrong shape
+    assert rk.inference(inputs=_inputs(dtype=np.float32)) is not None  # converted, as RKNNLite
+    with caplog.at_level(logging.ERROR):
+        assert rk.inference(inputs=_inputs(64)) is None  # wrong shape
+        assert rk.inference(inputs=_inputs()[:1]) is None  # too few
+        ids = [np.zeros((1, 128, 384), np.int64), np.ones((1, 128), np.int64)]
+        assert rk.inference(inputs=ids) is None  # int64: not an RKNN input dtype
+    assert "unsupported dtype int64" in caplog.text
     rk.release()
+
+
+def test_a_graph_with_int64_inputs_does_not_initialise(tmp_path, caplog):
+    """What npuserve's graphs took before: RKNNLite documents no int64 input."""
+    from onnx import TensorProto, helper, save
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["input_ids"], ["out"], to=TensorProto.FLOAT)], "ids",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8])])
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+         str(tmp_path / "model_8.onnx"))
+    rk = ReferenceRKNNLite()
+    assert rk.load_rknn(str(tmp_path / "model_8.rknn")) == 0
+    with caplog.at_level(logging.ERROR):
+        assert rk.init_runtime() == -1
+    assert "input 'input_ids' is tensor(int64)" in caplog.text
 
 
 def test_context_pool_turns_minus_one_and_none_into_errors(npu_model, monkeypatch, caplog):
@@ -166,7 +193,7 @@ def test_context_pool_turns_minus_one_and_none_into_errors(npu_model, monkeypatc
     pool = ContextPool(npu_model / "model_128.rknn", 3, "reference")
     assert [c.core_mask for c in pool.contexts] == [1, 2, 4]  # one context per core
     with caplog.at_level(logging.ERROR), pytest.raises(NpuError, match="returned None"):
-        pool.run([np.zeros((1, 128), np.int64), np.ones((1, 128), np.int64)])
+        pool.run(_inputs())
     pool.release()
 
 
@@ -210,14 +237,14 @@ def model_built_by_2_5(npu_model, tmp_path):
 
 def test_doctor_names_a_model_newer_than_the_boards_runtime(make_config, model_built_by_2_5):
     cfg = make_config(models__embed__path=str(model_built_by_2_5))
-    [(problem, fix)] = npu_model_problems(cfg, "1.5.0 (e6fe0c678@2023-05-25T08:09:20)")
+    [(problem, fix)] = npu_model_problems(
+        cfg, NpuReport(runtime_version="1.5.0 (e6fe0c678@2023-05-25T08:09:20)"))
     assert "rknn-toolkit2 2.5.0" in problem and "librknnrt 1.5.0" in problem
     assert "Invalid RKNN model version" in problem
     assert "librknnrt.so 2.5.0 or newer" in fix and "rknn-toolkit2 1.5.0" in fix
     # A runtime as new as the toolkit (or newer, or of unknown version) is no problem.
-    assert npu_model_problems(cfg, "2.5.0 (abc)") == []
-    assert npu_model_problems(cfg, "2.6.1") == []
-    assert npu_model_problems(cfg, None) == []
+    for newer in ("2.5.0 (abc)", "2.6.1", None):
+        assert npu_model_problems(cfg, NpuReport(runtime_version=newer)) == []
 
 
 def test_refused_graph_says_the_versions_do_not_match(model_built_by_2_5, tmp_path,

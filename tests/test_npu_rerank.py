@@ -224,3 +224,31 @@ async def test_npu_rerank_falls_back_then_returns_when_the_npu_works_again(
     health = await (await npu.get("/health")).json()
     assert health["devices"]["rerank"]["device"] == "npu"
     assert "fallback_from" not in health["devices"]["rerank"]
+
+
+def high_id_documents(tokenizer_backend: NpuRerankBackend, n: int = 64) -> list[str]:
+    """n documents whose tokens include ids above 32,767 (SmolLM2's vocabulary is 49,152):
+    as int16 inputs those would wrap negative and read wrong embedding rows silently."""
+    tok = tokenizer_backend._tokenizer()
+    pieces = [tok.decode([i]) for i in range(32768, 49152, 97)]
+    words = [p.strip() for p in pieces if p.strip().isalpha() and len(p.strip()) > 3]
+    return [f"{DOCS[k % len(DOCS)]} {' '.join(words[k * 3:k * 3 + 3])}" for k in range(n)]
+
+
+def test_float_inputs_score_ids_above_int16_as_llama_cpp(npu_rerank_model, models_dir,
+                                                         tmp_path):
+    """The graph takes float16 embedded tokens (looked up on the host), so ids past int16
+    read their own rows: P(yes) within 0.01 of llama.cpp on the same weights."""
+    npu = npu_backend(npu_rerank_model, cores=2)
+    docs = high_id_documents(npu)
+    high = [d for d in docs if max(npu._encode(d)) > 32767]
+    assert len(high) >= 48, "the documents must carry ids above int16"
+    npu.load()
+    try:
+        got = npu.rerank(QUERY, docs, DEFAULT_INSTRUCTION).scores
+    finally:
+        npu.unload()
+    exact = cpu_scores(f32_twin(rerank_gguf(models_dir), tmp_path / "f32.gguf"), docs).scores
+    worst = max(abs(a - b) for a, b in zip(got, exact, strict=True))
+    assert worst <= 0.01, worst
+    assert len({round(s, 3) for s in got}) > 8  # real, distinct scores

@@ -1,7 +1,11 @@
-"""Rerank scores do not depend on how the prompt reaches the model: with the prefix's KV
-cache reused, each document scores what its whole prompt scores evaluated alone."""
+"""A document's rerank score does not depend on what else is reranked with it: not on the
+other documents, their order, or how a long rerank is cut into calls (the query's prefix
+KV is then kept from one call to the next). Against the whole prompt evaluated alone it
+stays within the drift any other evaluation order has (README, "Logit rerank")."""
 
 from __future__ import annotations
+
+import pytest
 
 from npuserve.daemon.config import DEFAULT_INSTRUCTION
 from npuserve.daemon.models.qmd_conventions import split_rerank_template
@@ -10,25 +14,47 @@ from npuserve.fallback.llama_generative import LlamaGenerativeBackend
 
 QUERY = "how does apt verify package signatures before installing"
 DOCS = [f"passage {i}: apt downloads archives from mirrors, verifies signatures with gpg"
-        f" keys and unpacks packages in dependency order, step {i} of {i + 3}" * 2
+        f" keys and unpacks packages in dependency order, step {i} of {i + 3}" * (1 + i % 3)
         for i in range(8)]
 
 
-def test_prefix_reuse_scores_as_the_whole_prompt_alone(make_config):
-    """The daemon's own rerank settings (flash attention off for rerank: with it on, the
-    same documents moved by up to 0.06 between these two ways)."""
+@pytest.fixture
+def backend(make_config):
     plans, task_model = plan_models(make_config())
-    spec = plans[task_model["rerank"]].spec
-    backend = LlamaGenerativeBackend(spec)
-    backend.load()
-    try:
-        reused = backend.rerank(QUERY, DOCS, DEFAULT_INSTRUCTION).scores
-        template = str(spec.option("template"))
-        prefix, suffix = split_rerank_template(template, DEFAULT_INSTRUCTION, QUERY)
-        alone = [backend.p_yes_of(backend._tokenize(prefix, special=True)
-                                  + backend._tokenize(doc)
-                                  + backend._tokenize(suffix, special=True)) for doc in DOCS]
-    finally:
-        backend.unload()
-    assert max(abs(a - b) for a, b in zip(reused, alone, strict=True)) < 1e-4, (reused, alone)
-    assert len(set(round(s, 4) for s in reused)) > 1  # real, distinct scores
+    b = LlamaGenerativeBackend(plans[task_model["rerank"]].spec)
+    b.load()
+    yield b
+    b.unload()
+
+
+def test_scores_do_not_depend_on_companions_order_or_calls(backend):
+    together = backend.rerank(QUERY, DOCS, DEFAULT_INSTRUCTION).scores
+    reversed_ = backend.rerank(QUERY, DOCS[::-1], DEFAULT_INSTRUCTION).scores[::-1]
+    # Two calls with the same query, as the scheduler's slices of one rerank arrive: the
+    # second reuses the prefix the first left in the KV cache.
+    first = backend.rerank(QUERY, DOCS[:3], DEFAULT_INSTRUCTION)
+    second = backend.rerank(QUERY, DOCS[3:], DEFAULT_INSTRUCTION)
+    alone = [backend.rerank(QUERY, [d], DEFAULT_INSTRUCTION).scores[0] for d in DOCS[:2]]
+    backend.rerank("another client's query", DOCS[:1], DEFAULT_INSTRUCTION)
+    after_other = backend.rerank(QUERY, DOCS[3:], DEFAULT_INSTRUCTION)
+    assert reversed_ == together
+    assert first.scores + second.scores == together
+    assert alone == together[:2]
+    # The second slice did not evaluate the query's prefix again; after another query
+    # the same documents do (and score the same).
+    assert after_other.scores == second.scores
+    assert after_other.tokens > second.tokens
+    assert len(set(round(s, 4) for s in together)) > 1  # real, distinct scores
+
+
+def test_reused_prefix_scores_near_the_whole_prompt_alone(backend):
+    """The daemon's own rerank settings (flash attention off for rerank)."""
+    reused = backend.rerank(QUERY, DOCS, DEFAULT_INSTRUCTION).scores
+    template = str(backend.spec.option("template"))
+    prefix, suffix = split_rerank_template(template, DEFAULT_INSTRUCTION, QUERY)
+    whole = [backend.p_yes_of(backend._tokenize(prefix, special=True) + backend._tokenize(doc)
+                              + backend._tokenize(suffix, special=True)) for doc in DOCS]
+    assert max(abs(a - b) for a, b in zip(reused, whole, strict=True)) < 0.03, (reused, whole)
+    # p_yes_of used the context for something else: the next rerank evaluates its prefix
+    # again instead of trusting a cache that no longer holds it.
+    assert backend.rerank(QUERY, DOCS, DEFAULT_INSTRUCTION).scores == reused

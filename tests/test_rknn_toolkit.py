@@ -72,8 +72,12 @@ def test_convert_builds_rknn_checked_on_the_simulator(toolkit_python, minilm_hf_
     manifest = json.loads((out / "manifest.json").read_text())
     assert [(b["rknn"], b["onnx"]) for b in manifest["buckets"]] == [
         ("model_128.rknn", "model_128.onnx")]
-    # ... and which toolkit built it, so doctor can tell a board whose librknnrt is older.
+    # ... and which toolkit built it, so doctor can tell a board whose librknnrt is older,
+    # for which SoC, and that it takes float inputs (RKNNLite takes no int64 ids).
     assert manifest["toolkit_version"] == "2.5.0"
+    assert manifest["target_platform"] == "rk3588"
+    assert manifest["inputs"] == [{"name": "inputs_embeds", "dtype": "float16"},
+                                  {"name": "attention_mask", "dtype": "float16"}]
 
 
 def test_convert_builds_the_rerank_graph_checked_on_the_simulator(toolkit_python, models_dir,
@@ -94,5 +98,6 @@ def test_convert_builds_the_rerank_graph_checked_on_the_simulator(toolkit_python
                       r" difference ([\d.]+)", proc.stdout)
     assert found, proc.stdout[-3000:]
     assert float(found.group(1)) <= 0.02
-    manifest = (out / "manifest.json").read_text()
-    assert '"task": "rerank"' in manifest and "model_128.rknn" in manifest
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["task"] == "rerank" and manifest["buckets"][0]["rknn"] == "model_128.rknn"
+    assert manifest["inputs"] == [{"name": "inputs_embeds", "dtype": "float16"}]

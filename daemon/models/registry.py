@@ -11,12 +11,16 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from npuserve.daemon.config import DEFAULT_RERANK_TEMPLATE, Config, ConfigError, ModelConfig
 from npuserve.daemon.models.backend_api import TASKS
 from npuserve.daemon.models.backends import is_npu_model, kind, kind_for, weight_files
 from npuserve.daemon.models.store import default_for_task
 from npuserve.daemon.worker.protocol import ModelSpec
+
+if TYPE_CHECKING:  # the NPU probes stay unimported until an NPU model is configured
+    from npuserve.npu.detect import NpuReport
 
 RERANK_OPTIONS = ("template", "instruction", "yes_token", "no_token")
 EXPAND_OPTIONS = (
@@ -42,24 +46,47 @@ class NpuStatus:
     available: bool
     runtime: str  # rknnlite | reference
     reason: str
+    cores: int = 3  # the SoC's NPU cores
+    target: str | None = None  # the rknn-toolkit2 platform its graphs must be built for
 
 
-def npu_status(cfg: Config) -> NpuStatus:
+def npu_status(cfg: Config, root: str = "/") -> NpuStatus:
     runtime = cfg.get("npu.runtime")
     if runtime == "reference":
         return NpuStatus(True, "reference", "reference runtime (ONNX twin on onnxruntime)")
     from npuserve.npu.detect import detect
 
-    report = detect()
+    report = detect(root)
+    prof = report.profile
+    cores, target = (prof.cores, prof.target) if prof else (3, None)
     if report.usable:
-        return NpuStatus(True, "rknnlite", report.verdict())
+        return NpuStatus(True, "rknnlite", report.verdict(), cores, target)
     reasons = "; ".join(p for p, _ in report.problems) or "no NPU"
-    return NpuStatus(False, "rknnlite", reasons)
+    return NpuStatus(False, "rknnlite", reasons, cores, target)
 
 
-def npu_model_problems(cfg: Config, runtime_version: str | None) -> list[tuple[str, str]]:
+def _target_problem(path: Path, target: str | None) -> str | None:
+    """Why a model directory's graphs cannot run on this SoC (built for another one)."""
+    from npuserve.npu.model_dir import ManifestError, load_manifest
+
+    if target is None:
+        return None
+    try:
+        model = load_manifest(path)
+    except ManifestError:
+        return None  # reported by doctor; loading fails over to the twin
+    # Manifests before target_platform was recorded were all built for the rk3588.
+    built_for = model.target_platform or ("rk3588" if model.toolkit_version else None)
+    if built_for and built_for != target:
+        return (f"its graphs were built for the {built_for}, this board is an {target}"
+                f" (npuserve convert --target {target})")
+    return None
+
+
+def npu_model_problems(cfg: Config, report: NpuReport) -> list[tuple[str, str]]:
     """(problem, fix) for each configured NPU model directory that the board's runtime
-    cannot load or that cannot be read, for `npuserve doctor`."""
+    cannot load (too new for its librknnrt, built for another SoC) or that cannot be
+    read, for `npuserve doctor`."""
     from npuserve.npu.detect import model_version_problem
     from npuserve.npu.model_dir import ManifestError, load_manifest
 
@@ -78,9 +105,14 @@ def npu_model_problems(cfg: Config, runtime_version: str | None) -> list[tuple[s
                              " (npuserve convert) or fix its manifest.json"))
             continue
         problem = model_version_problem(f"models.{task} ({model.name})",
-                                        model.toolkit_version, runtime_version)
+                                        model.toolkit_version, report.runtime_version)
         if problem:
             problems.append(problem)
+        target = report.profile.target if report.profile else None
+        wrong = _target_problem(path, target)
+        if wrong:
+            problems.append((f"models.{task} ({model.name}): {wrong}; it runs on the CPU",
+                             f"convert it again with --target {target}"))
     return problems
 
 
@@ -156,8 +188,9 @@ def _plan_remote(plans: dict[str, ModelPlan], task: str, mc: ModelConfig) -> str
     return plan.spec.model_id
 
 
-def plan_models(cfg: Config) -> tuple[dict[str, ModelPlan], dict[str, str]]:
-    """Models keyed by id, and the model id serving each task."""
+def plan_models(cfg: Config, root: str = "/") -> tuple[dict[str, ModelPlan], dict[str, str]]:
+    """Models keyed by id, and the model id serving each task (`root`: the machine's /,
+    or a tree standing in for a board's)."""
     plans: dict[str, ModelPlan] = {}
     task_model: dict[str, str] = {}
     npu: NpuStatus | None = None
@@ -182,13 +215,17 @@ def plan_models(cfg: Config) -> tuple[dict[str, ModelPlan], dict[str, str]]:
             else _default(cfg, mc))
         twin = _add(plans, task, "cpu", twin_path, twin_name, mc,
                     _task_options(task, mc, twin_defaults), "CPU twin of an NPU model")
-        npu = npu or npu_status(cfg)
-        if mc.device == "cpu" or not npu.available:
-            why = "configured" if mc.device == "cpu" else f"no usable NPU: {npu.reason}"
+        npu = npu or npu_status(cfg, root)
+        wrong_target = _target_problem(path, npu.target) if npu.available else None
+        if mc.device == "cpu" or not npu.available or wrong_target:
+            why = ("configured" if mc.device == "cpu" else f"no usable NPU: {npu.reason}"
+                   if not npu.available else f"not on the NPU: {wrong_target}")
             twin.device_reason = why
             task_model[task] = twin.spec.model_id
             continue
-        options |= {"npu_runtime": npu.runtime, "npu_cores": int(cfg.get("npu.cores"))}
+        # One context per core the SoC has, unless the config asks for fewer.
+        cores = int(cfg.get("npu.cores")) or npu.cores
+        options |= {"npu_runtime": npu.runtime, "npu_cores": min(cores, npu.cores)}
         plan = _add(plans, task, "npu", path, name, mc, options, npu.reason)
         plan.twin = twin.spec.model_id
         task_model[task] = plan.spec.model_id
