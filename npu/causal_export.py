@@ -76,23 +76,11 @@ def read_weights(reader: Any) -> dict[str, np.ndarray]:
             for t in reader.tensors}
 
 
-RMS_SCALE = 4.0
-
-
 def _rms_norm(g: GraphBuilder, x: str, w: np.ndarray, eps: float, name: str) -> str:
-    """llama.cpp's RMS norm, x / sqrt(mean(x^2) + eps) * w (opset 17 has no RMSNorm op),
-    written so that no intermediate overflows fp16 on the NPU (max 65,504): squaring x
-    directly overflows at |x| > 256, and a sum of squares sooner. Each element is scaled
-    by 1/(RMS_SCALE sqrt(dim)) before it is squared, so the sum is mean(x^2) / RMS_SCALE^2:
-    fine up to an RMS of 1,024 (and elements up to ~24,000), while an RMS of 0.1 still
-    leaves 6e-4, above fp16's subnormals. The same value in exact arithmetic."""
-    dim = w.shape[-1]
-    y = g.op("Mul", [x, g.const(f"{name}.pre", np.array(1 / (RMS_SCALE * np.sqrt(dim)),
-                                                        np.float32))])
-    mean_sq = g.op("ReduceSum", [g.op("Mul", [y, y]), "last_axis"], keepdims=1)
-    root = g.op("Sqrt", [g.op("Add", [mean_sq, "eps_scaled"])])
-    scaled = g.op("Mul", [x, g.const(f"{name}.post", np.array(1 / RMS_SCALE, np.float32))])
-    return g.op("Mul", [g.op("Div", [scaled, root]), g.const(name, w.astype(np.float32))])
+    """llama.cpp's RMS norm: x / sqrt(mean(x^2) + eps) * w (opset 17 has no RMSNorm op)."""
+    mean_sq = g.op("ReduceMean", [g.op("Mul", [x, x])], axes=[-1], keepdims=1)
+    root = g.op("Sqrt", [g.op("Add", [mean_sq, "eps"])])
+    return g.op("Mul", [g.op("Div", [x, root]), g.const(name, w.astype(np.float32))])
 
 
 def _matmul(g: GraphBuilder, x: str, w: np.ndarray, name: str) -> str:
@@ -159,8 +147,7 @@ def build_rerank_onnx(gguf_path: Path, seq_len: int, yes_id: int, no_id: int,
     g.const("rope_cos", cos)
     g.const("rope_sin", sin)
     g.const("rope_swap", swap)
-    g.const("eps_scaled", np.array(shape.eps / RMS_SCALE**2, np.float32))
-    g.const("last_axis", np.array([-1], np.int64))
+    g.const("eps", np.array(shape.eps, np.float32))
     g.const("split_shape", np.array([1, seq_len, shape.n_head, shape.head_dim], np.int64))
     g.const("merge_shape", np.array([1, seq_len, shape.dim], np.int64))
     g.const("scale", np.array(1.0 / np.sqrt(shape.head_dim), np.float32))

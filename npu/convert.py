@@ -11,12 +11,18 @@ rknn-toolkit2 to the board.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
+import os
+import re
 import shutil
-from collections.abc import Callable
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .model_dir import FORMAT, write_manifest
 from .onnx_export import bert_weights, build_bert_onnx
@@ -47,32 +53,85 @@ Samples = list[list[Any]]  # each: the graph's inputs for one sample, in order
 Compare = Callable[[Any, Any, int], float]  # (simulated, reference, sample) -> agreement
 
 
+@dataclass
+class Built:
+    """What building one .rknn found: the worst simulator agreement, and where each op
+    type runs ({"NPU": {"Conv": 12, ...}, "CPU": {"Erf": 6, ...}})."""
+
+    agreement: float
+    placement: dict[str, dict[str, int]]
+
+
 def build_rknn(onnx_path: Path, rknn_path: Path, samples: Samples, compare: Compare,
-               minimum: float, platform: str = DEFAULT_TARGET) -> float:
+               minimum: float, platform: str = DEFAULT_TARGET) -> Built:
     """rknn-toolkit2: ONNX -> .rknn (fp16, no quantisation), checked on the toolkit's
-    simulator first: returns the worst agreement between simulated and onnxruntime
-    outputs over the samples, and refuses the graph below `minimum`. The NPU itself:
-    untested on hardware."""
+    simulator first: the worst agreement between simulated and onnxruntime outputs over
+    the samples (the graph is refused below `minimum`), and the op placement the toolkit
+    logs while it builds. The NPU itself: untested on hardware."""
     from rknn.api import RKNN
 
-    rknn = RKNN(verbose=False)
+    with tempfile.TemporaryFile(mode="w+b") as log:
+        rknn = RKNN(verbose=True)
+        try:
+            with _output_to(log):  # the toolkit logs from native code too: capture the fds
+                if rknn.config(target_platform=platform) != 0:
+                    raise RuntimeError("rknn.config failed")
+                if rknn.load_onnx(model=str(onnx_path)) != 0:
+                    raise RuntimeError(f"rknn.load_onnx({onnx_path.name}) failed")
+                if rknn.build(do_quantization=False) != 0:
+                    raise RuntimeError("rknn.build failed")
+            log.seek(0)
+            placement = op_placement(log.read().decode("utf-8", "replace"))
+            # The simulator runs the graph built from ONNX in this session (not a .rknn).
+            worst = simulator_agreement(rknn, onnx_path, samples, compare)
+            if worst < minimum:
+                raise RuntimeError(f"{rknn_path.name}: the simulated graph disagrees with"
+                                   f" onnxruntime ({worst:.4f} < {minimum})")
+            if rknn.export_rknn(str(rknn_path)) != 0:
+                raise RuntimeError("rknn.export_rknn failed")
+            return Built(worst, placement)
+        finally:
+            rknn.release()
+
+
+@contextlib.contextmanager
+def _output_to(sink: IO[bytes]) -> Iterator[None]:
+    """stdout and stderr, at the file-descriptor level, into `sink` for the block."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
     try:
-        if rknn.config(target_platform=platform) != 0:
-            raise RuntimeError("rknn.config failed")
-        if rknn.load_onnx(model=str(onnx_path)) != 0:
-            raise RuntimeError(f"rknn.load_onnx({onnx_path.name}) failed")
-        if rknn.build(do_quantization=False) != 0:
-            raise RuntimeError("rknn.build failed")
-        # The simulator runs a graph built from ONNX in this session (not a loaded .rknn).
-        worst = simulator_agreement(rknn, onnx_path, samples, compare)
-        if worst < minimum:
-            raise RuntimeError(f"{rknn_path.name}: the simulated graph disagrees with"
-                               f" onnxruntime ({worst:.4f} < {minimum})")
-        if rknn.export_rknn(str(rknn_path)) != 0:
-            raise RuntimeError("rknn.export_rknn failed")
-        return worst
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        yield
     finally:
-        rknn.release()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+
+
+# A row of the op table rknn-toolkit2 logs in verbose mode while it builds:
+#   D RKNN: [12:01:58.460] 4    Erf    FLOAT16  CPU    (1,8,1,4)  ...  Erf:z
+_OP_ROW = re.compile(r"RKNN: \[[^\]]*\]\s+\d+\s+(\w+)\s+\w+\s+(NPU|CPU)\s")
+_PSEUDO_OPS = {"InputOperator", "OutputOperator"}
+
+
+def op_placement(log: str) -> dict[str, dict[str, int]]:
+    """Counts of each op type per target in the op table of a build log."""
+    rows = [m.groups() for m in _OP_ROW.finditer(log) if m.group(1) not in _PSEUDO_OPS]
+    out: dict[str, dict[str, int]] = {"NPU": {}, "CPU": {}}
+    for op, target in rows:
+        out[target][op] = out[target].get(op, 0) + 1
+    return {t: dict(sorted(ops.items())) for t, ops in out.items()}
+
+
+def placement_line(placement: dict[str, dict[str, int]]) -> str:
+    """"NPU: Conv 36, ...; CPU: Erf 6" for the convert log."""
+    return "; ".join(f"{target}: " + (", ".join(f"{op} {n}" for op, n in ops.items()) or "none")
+                     for target, ops in placement.items())
 
 
 def sample_inputs(tokenizer: Path, table: Path, seq_len: int) -> Samples:
@@ -132,15 +191,18 @@ def convert_embedding(hf_dir: Path, out_dir: Path, name: str,
         say(f"exporting ONNX, sequence length {seq_len}")
         build_bert_onnx(hf_dir, seq_len, onnx_path)
         rknn_path = out_dir / f"model_{seq_len}.rknn"
+        entry: dict[str, Any] = {"seq_len": seq_len, "rknn": rknn_path.name,
+                                 "onnx": onnx_path.name}
         if have_toolkit:
             say(f"building {rknn_path.name} for {target} with rknn-toolkit2")
-            cosine = build_rknn(onnx_path, rknn_path,
-                                sample_inputs(out_dir / "tokenizer.json", out_dir / table,
-                                              seq_len), cosine_of,
-                                MIN_SIMULATOR_COSINE, target)
-            say(f"{rknn_path.name}: simulator vs onnxruntime, smallest cosine {cosine:.6f}"
-                f" over {len(SAMPLE_TEXTS)} texts")
-        entries.append({"seq_len": seq_len, "rknn": rknn_path.name, "onnx": onnx_path.name})
+            built = build_rknn(onnx_path, rknn_path,
+                               sample_inputs(out_dir / "tokenizer.json", out_dir / table,
+                                             seq_len), cosine_of, MIN_SIMULATOR_COSINE, target)
+            say(f"{rknn_path.name}: simulator vs onnxruntime, smallest cosine"
+                f" {built.agreement:.6f} over {len(SAMPLE_TEXTS)} texts")
+            say(f"{rknn_path.name}: ops {placement_line(built.placement)}")
+            entry["op_placement"] = built.placement
+        entries.append(entry)
     import json
 
     dim = int(json.loads((hf_dir / "config.json").read_text())["hidden_size"])
@@ -217,6 +279,8 @@ def convert_rerank(gguf_path: Path, out_dir: Path, name: str,
         onnx_path, rknn_path = out_dir / f"model_{seq_len}.onnx", out_dir / f"model_{seq_len}.rknn"
         say(f"exporting the rerank graph, sequence length {seq_len}")
         build_rerank_onnx(gguf_path, seq_len, yes_id, no_id, onnx_path)
+        entry: dict[str, Any] = {"seq_len": seq_len, "rknn": rknn_path.name,
+                                 "onnx": onnx_path.name}
         if have_toolkit:
             samples, lengths = rerank_samples(tokenizer, out_dir / table, seq_len)
 
@@ -225,11 +289,13 @@ def convert_rerank(gguf_path: Path, out_dir: Path, name: str,
                 return 1.0 - abs(p_yes(*map(float, rows[0])) - p_yes(*map(float, rows[1])))
 
             say(f"building {rknn_path.name} for {target} with rknn-toolkit2")
-            worst = build_rknn(onnx_path, rknn_path, samples, agreement,
+            built = build_rknn(onnx_path, rknn_path, samples, agreement,
                                1.0 - MAX_SIMULATOR_P_YES_DIFF, target)
             say(f"{rknn_path.name}: simulator vs onnxruntime, largest P(yes) difference"
-                f" {1.0 - worst:.6f} over {len(samples)} prompts")
-        entries.append({"seq_len": seq_len, "rknn": rknn_path.name, "onnx": onnx_path.name})
+                f" {1.0 - built.agreement:.6f} over {len(samples)} prompts")
+            say(f"{rknn_path.name}: ops {placement_line(built.placement)}")
+            entry["op_placement"] = built.placement
+        entries.append(entry)
     write_manifest(out_dir, {
         "format": FORMAT, "task": "rerank", "name": name, "dim": 2, "buckets": entries,
         "inputs": [{"name": "inputs_embeds", "dtype": "float16"}],

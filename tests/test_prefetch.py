@@ -84,9 +84,13 @@ def test_prefetch_stays_within_its_budget(cold_file):
 
 
 async def _rerank_embed_rerank(client) -> None:
-    """A rerank running, an embed queued behind it, then a second rerank: the device serves
-    the second rerank next (same model, no swap) and loads the embedding model after."""
-    docs = [{"file": f"{i}.md", "text": PASSAGE} for i in range(10)]
+    """A rerank running, a second rerank queued behind it, then an embed: the device serves
+    the second rerank next (same model, the older request, no swap) and loads the
+    embedding model after. (With the embed first, which goes next depends on the measured
+    swap time: the switching hysteresis.)"""
+    # Few enough documents that a rerank is one call: a longer one is cut into ~5 s slices,
+    # and the embed would be served between them (tests/test_scheduler.py).
+    docs = [{"file": f"{i}.md", "text": PASSAGE} for i in range(4)]
 
     async def call(delay: float, path: str, body: dict) -> None:
         await asyncio.sleep(delay)
@@ -94,8 +98,8 @@ async def _rerank_embed_rerank(client) -> None:
         assert resp.status == 200, await resp.text()
 
     await asyncio.gather(call(0.0, "/rerank", {"query": "apt a", "documents": docs}),
-                         call(0.1, "/embed", {"text": "later"}),
-                         call(0.2, "/rerank", {"query": "apt b", "documents": docs}))
+                         call(0.1, "/rerank", {"query": "apt b", "documents": docs}),
+                         call(0.2, "/embed", {"text": "later"}))
 
 
 def _prefetched(metrics: str) -> int:

@@ -78,6 +78,9 @@ def test_convert_builds_rknn_checked_on_the_simulator(toolkit_python, minilm_hf_
     assert manifest["target_platform"] == "rk3588"
     assert manifest["inputs"] == [{"name": "inputs_embeds", "dtype": "float16"},
                                   {"name": "attention_mask", "dtype": "float16"}]
+    # Where the toolkit placed each op, from its build log: the matrix work on the NPU.
+    placement = manifest["buckets"][0]["op_placement"]
+    assert sum(placement["NPU"].values()) > 50 and set(placement) == {"NPU", "CPU"}
 
 
 def test_convert_builds_the_rerank_graph_checked_on_the_simulator(toolkit_python, models_dir,
@@ -101,3 +104,5 @@ def test_convert_builds_the_rerank_graph_checked_on_the_simulator(toolkit_python
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["task"] == "rerank" and manifest["buckets"][0]["rknn"] == "model_128.rknn"
     assert manifest["inputs"] == [{"name": "inputs_embeds", "dtype": "float16"}]
+    placement = manifest["buckets"][0]["op_placement"]
+    assert sum(placement["NPU"].values()) > 100
