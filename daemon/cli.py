@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from npuserve.daemon.config import (
@@ -239,6 +240,23 @@ def cmd_index_add(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_cross_encoder(source: Path, out: Path, name: str, args: argparse.Namespace
+                           ) -> int:
+    from npuserve.npu.convert import convert_cross_encoder
+    from npuserve.npu.onnx_export import is_cross_encoder
+
+    if not is_cross_encoder(source):
+        print(f"{source} is not a BERT sequence classifier (config.json architectures):"
+              " give a cross-encoder directory, or a causal GGUF for a logit reranker",
+              file=sys.stderr)
+        return 2
+    buckets = tuple(int(b) for b in (args.buckets or "128,512").split(","))
+    convert_cross_encoder(source, out, name, buckets, target=args.target)
+    print(f"NPU model directory: {out}\nuse it with: --set models.rerank.path={out}"
+          " --set models.rerank.cpu_path=THE_SAME_MODEL.gguf")
+    return 0
+
+
 def cmd_convert(cfg: Config, args: argparse.Namespace) -> int:
     if args.task == "rerank":
         return _convert_rerank(cfg, args)
@@ -282,6 +300,8 @@ def _convert_rerank(cfg: Config, args: argparse.Namespace) -> int:
         source = cfg.models_dir / rec.file
     name = args.name or source.name.split(".")[0].lower()
     out = Path(args.out) if args.out else cfg.models_dir / f"{name}-rerank-npu"
+    if source.is_dir():  # a Hugging Face directory: a BERT cross-encoder
+        return _convert_cross_encoder(source, out, name, args)
     buckets = tuple(int(b) for b in (args.buckets or "256,512").split(","))
     try:
         convert_rerank(source, out, name, buckets, target=args.target)

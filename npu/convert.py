@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from .model_dir import FORMAT, write_manifest
+from .model_dir import CROSS_ENCODER, FORMAT, write_manifest
 from .onnx_export import bert_weights, build_bert_onnx
 from .token_table import write_table
 
@@ -181,6 +181,27 @@ def simulator_agreement(rknn: Any, onnx_path: Path, samples: Samples, compare: C
 def convert_embedding(hf_dir: Path, out_dir: Path, name: str,
                       buckets: tuple[int, ...] = DEFAULT_BUCKETS, say: Say = print,
                       target: str = DEFAULT_TARGET) -> Path:
+    """A Hugging Face BERT embedding model -> an NPU embedding directory."""
+    import json
+
+    dim = int(json.loads((hf_dir / "config.json").read_text())["hidden_size"])
+    return _convert_bert(hf_dir, out_dir, buckets, say, target, "embedding", {
+        "task": "embed", "name": name, "dim": dim, "pooling": "in_graph",
+        "normalize": "in_graph"})
+
+
+def convert_cross_encoder(hf_dir: Path, out_dir: Path, name: str,
+                          buckets: tuple[int, ...] = DEFAULT_BUCKETS, say: Say = print,
+                          target: str = DEFAULT_TARGET) -> Path:
+    """A Hugging Face BERT sequence classifier (an ms-marco / bge-reranker cross-encoder)
+    -> an NPU rerank directory: the same BERT graph, ending in its classifier's logit."""
+    return _convert_bert(hf_dir, out_dir, buckets, say, target, "rank", {
+        "task": "rerank", "name": name, "dim": 1, "pooling": "in_graph", "normalize": "none",
+        "rerank": {"kind": CROSS_ENCODER, "columns": ["logit"]}})
+
+
+def _convert_bert(hf_dir: Path, out_dir: Path, buckets: tuple[int, ...], say: Say,
+                  target: str, head: str, fields: dict[str, Any]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     have_toolkit = importlib.util.find_spec("rknn") is not None
     entries = []
@@ -189,29 +210,29 @@ def convert_embedding(hf_dir: Path, out_dir: Path, name: str,
     for seq_len in sorted(buckets):
         onnx_path = out_dir / f"model_{seq_len}.onnx"
         say(f"exporting ONNX, sequence length {seq_len}")
-        build_bert_onnx(hf_dir, seq_len, onnx_path)
+        build_bert_onnx(hf_dir, seq_len, onnx_path, head)
         rknn_path = out_dir / f"model_{seq_len}.rknn"
         entry: dict[str, Any] = {"seq_len": seq_len, "rknn": rknn_path.name,
                                  "onnx": onnx_path.name}
         if have_toolkit:
             say(f"building {rknn_path.name} for {target} with rknn-toolkit2")
-            built = build_rknn(onnx_path, rknn_path,
-                               sample_inputs(out_dir / "tokenizer.json", out_dir / table,
-                                             seq_len), cosine_of, MIN_SIMULATOR_COSINE, target)
-            say(f"{rknn_path.name}: simulator vs onnxruntime, smallest cosine"
-                f" {built.agreement:.6f} over {len(SAMPLE_TEXTS)} texts")
+            samples = sample_inputs(out_dir / "tokenizer.json", out_dir / table, seq_len)
+            compare, minimum, what = ((cosine_of, MIN_SIMULATOR_COSINE, "smallest cosine")
+                                      if head == "embedding" else
+                                      (score_agreement, 1.0 - MAX_SIMULATOR_P_YES_DIFF,
+                                       "largest score difference"))
+            built = build_rknn(onnx_path, rknn_path, samples, compare, minimum, target)
+            shown = built.agreement if head == "embedding" else 1.0 - built.agreement
+            say(f"{rknn_path.name}: simulator vs onnxruntime, {what} {shown:.6f}"
+                f" over {len(SAMPLE_TEXTS)} texts")
             say(f"{rknn_path.name}: ops {placement_line(built.placement)}")
             entry["op_placement"] = built.placement
         entries.append(entry)
-    import json
-
-    dim = int(json.loads((hf_dir / "config.json").read_text())["hidden_size"])
     write_manifest(out_dir, {
-        "format": FORMAT, "task": "embed", "name": name, "dim": dim, "buckets": entries,
+        "format": FORMAT, **fields, "buckets": entries,
         "inputs": [{"name": "inputs_embeds", "dtype": "float16"},
                    {"name": "attention_mask", "dtype": "float16"}],
-        "token_embeddings": table,
-        "pooling": "in_graph", "normalize": "in_graph", "tokenizer": "tokenizer.json",
+        "token_embeddings": table, "tokenizer": "tokenizer.json",
         "toolkit_version": toolkit_version() if have_toolkit else None,
         "target_platform": target,
     })
@@ -220,6 +241,14 @@ def convert_embedding(hf_dir: Path, out_dir: Path, name: str,
             " on the reference runtime; convert on an x86 host with rknn-toolkit2 for the"
             " board.")
     return out_dir
+
+
+def score_agreement(simulated: Any, reference: Any, sample: int) -> float:
+    """1 - |sigmoid(a) - sigmoid(b)| of a cross-encoder's logits."""
+    import numpy as np
+
+    a, b = (1 / (1 + np.exp(-float(np.ravel(x)[0]))) for x in (simulated, reference))
+    return 1.0 - abs(a - b)
 
 
 # Rerank graphs: P(yes) on the simulator may differ from onnxruntime's by this much.

@@ -7,7 +7,13 @@ from pathlib import Path
 
 from npuserve.daemon.models.backend_kind import BackendKind
 from npuserve.daemon.worker.protocol import ModelSpec
-from npuserve.npu.model_dir import ManifestError, is_model_dir, load_manifest
+from npuserve.npu.model_dir import (
+    CROSS_ENCODER,
+    ManifestError,
+    is_model_dir,
+    load_manifest,
+    rerank_kind,
+)
 
 
 def graph_files(spec: ModelSpec) -> list[str]:
@@ -36,6 +42,12 @@ RKNN_EMBED = BackendKind(
     name="rknn_embed", device="npu", tasks=frozenset({"embed"}),
     target="npuserve.npu.embed_backend:NpuEmbedBackend",
     recognises=is_model_dir, weight_files=graph_files, memory_estimate=graph_memory,
+)
+RKNN_CROSS_ENCODER = BackendKind(
+    name="rknn_cross_encoder", device="npu", tasks=frozenset({"rerank"}),
+    target="npuserve.npu.cross_backend:NpuCrossEncoderBackend",
+    recognises=lambda p: rerank_kind(p) == CROSS_ENCODER, weight_files=graph_files,
+    memory_estimate=graph_memory,
 )
 RKNN_RERANK = BackendKind(
     name="rknn_rerank", device="npu", tasks=frozenset({"rerank"}),

@@ -27,6 +27,7 @@ from typing import Any
 
 MANIFEST = "manifest.json"
 FORMAT = 2
+CROSS_ENCODER = "cross_encoder"  # manifest rerank.kind of a BERT sequence classifier
 # The input dtypes RKNNLite documents; anything else is refused when the manifest is read.
 RKNN_INPUT_DTYPES = ("int8", "uint8", "int16", "float16", "float32")
 POOLINGS = ("in_graph", "mean", "cls", "last")
@@ -74,6 +75,20 @@ class NpuModel:
 
 def is_model_dir(path: Path) -> bool:
     return path.is_dir() and (path / MANIFEST).is_file()
+
+
+def rerank_kind(path: Path) -> str | None:
+    """A model directory's rerank kind ("cross_encoder", or "logit" for the causal
+    yes/no graph); None when it is not a readable rerank directory."""
+    if not is_model_dir(path):
+        return None
+    try:
+        data = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if data.get("task") != "rerank":
+        return None
+    return str(data.get("rerank", {}).get("kind", "logit"))
 
 
 def load_manifest(root: Path) -> NpuModel:

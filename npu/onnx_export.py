@@ -28,6 +28,19 @@ def _linear(g: GraphBuilder, x: str, w: np.ndarray, b: np.ndarray, name: str) ->
     return g.op("Add", [g.op("MatMul", [x, wt]), bb])
 
 
+def _gelu_tanh(g: GraphBuilder, h: str, name: str) -> str:
+    """GELU as 0.5 h (1 + tanh(sqrt(2/pi) (h + 0.044715 h^3))): the form llama.cpp computes
+    (the CPU twin), within ~1e-3 of BERT's exact erf form. rknn-toolkit2 2.5.0 puts Erf on
+    the CPU (six NPU-CPU round trips per MiniLM inference); Tanh runs on the NPU."""
+    cube = g.op("Mul", [g.op("Mul", [h, h]), h])
+    inner = g.op("Add", [h, g.op("Mul", [cube, g.const(f"{name}.c", np.array(0.044715,
+                                                                            np.float32))])])
+    t = g.op("Tanh", [g.op("Mul", [inner, g.const(f"{name}.k", np.array(np.sqrt(2 / np.pi),
+                                                                       np.float32))])])
+    return g.op("Mul", [g.op("Mul", [h, g.op("Add", [t, "one"])]),
+                        g.const(f"{name}.half", np.array(0.5, np.float32))])
+
+
 def _layer_norm(g: GraphBuilder, x: str, w: np.ndarray, b: np.ndarray, eps: float,
                 name: str) -> str:
     return g.op("LayerNormalization", [x, g.const(f"{name}.g", w.astype(np.float32)),
@@ -42,10 +55,19 @@ def bert_weights(model_dir: Path) -> dict[str, np.ndarray]:
             for k, v in load_file(str(model_dir / "model.safetensors")).items()}
 
 
-def build_bert_onnx(model_dir: Path, seq_len: int, out_path: Path) -> None:
-    """Write an ONNX graph: inputs_embeds float16 [1, seq_len, dim] (the token embeddings,
-    looked up on the host: npu/token_table.py) and attention_mask float16 [1, seq_len] ->
-    embedding [1, dim]."""
+def is_cross_encoder(model_dir: Path) -> bool:
+    """A BERT sequence classifier (ms-marco / bge-reranker style): one output label."""
+    hp = _read_json(model_dir / "config.json")
+    return any(a.endswith("ForSequenceClassification") for a in hp.get("architectures", []))
+
+
+def build_bert_onnx(model_dir: Path, seq_len: int, out_path: Path,
+                    head: str = "embedding") -> None:
+    """Write an ONNX graph from inputs_embeds float16 [1, seq_len, dim] (the token
+    embeddings, looked up on the host: npu/token_table.py) and attention_mask float16
+    [1, seq_len]: with head "embedding", the masked mean, L2-normalised -> embedding
+    [1, dim]; with head "rank" (a cross-encoder), the [CLS] position through the pooler
+    (dense, tanh) and the classifier -> logit [1, 1], as llama.cpp's rank pooling does."""
     from onnx import TensorProto, helper
 
     hp = _read_json(model_dir / "config.json")
@@ -88,25 +110,41 @@ def build_bert_onnx(model_dir: Path, seq_len: int, out_path: Path) -> None:
                         w[p + "attention.output.LayerNorm.bias"], eps, f"l{i}.ln1")
         h = _linear(g, x, w[p + "intermediate.dense.weight"], w[p + "intermediate.dense.bias"],
                     f"l{i}.up")
-        # Exact GELU: 0.5 x (1 + erf(x / sqrt 2)), as BERT's "gelu".
-        erf = g.op("Erf", [g.op("Mul", [h, g.const(f"l{i}.rs2", np.array(1 / np.sqrt(2),
-                                                                          np.float32))])])
-        h = g.op("Mul", [g.op("Mul", [h, g.op("Add", [erf, "one"])]),
-                         g.const(f"l{i}.half", np.array(0.5, np.float32))])
+        h = _gelu_tanh(g, h, f"l{i}")
         down = _linear(g, h, w[p + "output.dense.weight"], w[p + "output.dense.bias"],
                        f"l{i}.down")
         x = _layer_norm(g, g.op("Add", [x, down]), w[p + "output.LayerNorm.weight"],
                         w[p + "output.LayerNorm.bias"], eps, f"l{i}.ln2")
-    # Masked mean pooling, then L2 normalisation.
+    if head == "rank":
+        out = _rank_head(g, x, w)
+        name, labels = "logit", int(w["classifier.weight"].shape[0])
+    else:
+        out = _mean_normalised(g, x, maskf)
+        name, labels = "embedding", dim
+    save_model(g, out, name, f"bert_{head}",
+               [helper.make_tensor_value_info(embeds, TensorProto.FLOAT16, [1, seq_len, dim]),
+                helper.make_tensor_value_info(mask, TensorProto.FLOAT16, [1, seq_len])],
+               helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, labels]),
+               out_path)
+
+
+def _mean_normalised(g: GraphBuilder, x: str, maskf: str) -> str:
+    """Masked mean pooling, then L2 normalisation."""
     m3 = g.op("Unsqueeze", [maskf, g.const("axis2", np.array([2], np.int64))])
     summed = g.op("ReduceSum", [g.op("Mul", [x, m3]), g.const("axis1", np.array([1], np.int64))],
                   keepdims=0)
     count = g.op("ReduceSum", [maskf, "axis1"], keepdims=1)
     pooled = g.op("Div", [summed, count])
     norm = g.op("ReduceL2", [pooled], axes=[1], keepdims=1)  # axes is an attribute before 18
-    out = g.op("Div", [pooled, g.op("Max", [norm, g.const("tiny", np.array(1e-12, np.float32))])])
-    save_model(g, out, "embedding", "bert_embedding",
-               [helper.make_tensor_value_info(embeds, TensorProto.FLOAT16, [1, seq_len, dim]),
-                helper.make_tensor_value_info(mask, TensorProto.FLOAT16, [1, seq_len])],
-               helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [1, dim]),
-               out_path)
+    # norm + tiny, not max(norm, tiny): the same for any real vector, and rknn-toolkit2
+    # puts Max on the CPU.
+    return g.op("Div", [pooled, g.op("Add", [norm, g.const("tiny", np.array(1e-12,
+                                                                             np.float32))])])
+
+
+def _rank_head(g: GraphBuilder, x: str, w: dict[str, np.ndarray]) -> str:
+    """The [CLS] position through the pooler (dense, tanh) and the classifier."""
+    cls = g.op("Gather", [x, g.const("cls_index", np.array(0, np.int64))], axis=1)  # [1, dim]
+    pooled = g.op("Tanh", [_linear(g, cls, w["pooler.dense.weight"], w["pooler.dense.bias"],
+                                   "pooler")])
+    return _linear(g, pooled, w["classifier.weight"], w["classifier.bias"], "classifier")

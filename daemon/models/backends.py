@@ -14,6 +14,7 @@ KINDS: tuple[BackendKind, ...] = (
     cpu.LLAMA_CROSS_ENCODER,  # before the generative kind: it claims rank-pooled GGUFs only
     cpu.LLAMA_GENERATIVE,
     npu.RKNN_EMBED,
+    npu.RKNN_CROSS_ENCODER,  # before the logit kind: it claims cross-encoder directories only
     npu.RKNN_RERANK,
     cpu.OLLAMA,
 )
