@@ -9,10 +9,9 @@ from __future__ import annotations
 import math
 
 from npuserve.daemon.models.backend_api import ModelLoadError, RerankOutput
-from npuserve.daemon.models.qmd_conventions import MIN_DOC_TOKENS
 
 from .model_backend import NpuModelBackend
-from .model_dir import CROSS_ENCODER, Bucket, NpuModel
+from .model_dir import CROSS_ENCODER, NpuModel
 
 
 class NpuCrossEncoderBackend(NpuModelBackend):
@@ -33,22 +32,9 @@ class NpuCrossEncoderBackend(NpuModelBackend):
 
     def rerank(self, query: str, documents: list[str], instruction: str,
                max_doc_tokens: int = 0) -> RerankOutput:
-        model = self._manifest()
         sep = self._special("[SEP]")
-        head = self._special("[CLS]") + self._encode(query) + sep
-        budget = model.buckets[-1].seq_len - len(head) - len(sep)
-        if budget < MIN_DOC_TOKENS:
-            raise ValueError(f"query is too long for the cross-encoder's largest bucket"
-                             f" ({len(head)} tokens, {model.buckets[-1].seq_len})")
-        if max_doc_tokens:
-            budget = max(MIN_DOC_TOKENS, min(budget, max_doc_tokens))
-        jobs: list[tuple[list[int], Bucket]] = []
-        truncated: list[bool] = []
-        for doc in documents:
-            ids = self._encode(doc)
-            truncated.append(len(ids) > budget)
-            ids = head + ids[:budget] + sep
-            jobs.append((ids, model.bucket_for(len(ids))))
+        jobs, truncated = self._pair_jobs(self._special("[CLS]") + self._encode(query) + sep,
+                                          sep, documents, max_doc_tokens)
         scores = [1.0 / (1.0 + math.exp(-float(out.reshape(-1)[0])))
                   for out in self._run(jobs)]
         return RerankOutput(scores=scores, truncated=truncated,

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from npuserve.daemon.models.backend_api import Backend, BackendError, LoadInfo, ModelLoadError
+from npuserve.daemon.models.qmd_conventions import MIN_DOC_TOKENS
 from npuserve.daemon.worker.protocol import ModelSpec
 
 from .detect import installed_runtime_version, model_version_problem
@@ -108,6 +109,27 @@ class NpuModelBackend(Backend):
                 raise BackendError(f"NPU model input {spec['name']!r} is not one npuserve"
                                    " feeds")
         return arrays
+
+    def _pair_jobs(self, head: list[int], tail: list[int], documents: list[str],
+                   max_doc_tokens: int) -> tuple[list[tuple[list[int], Bucket]], list[bool]]:
+        """Each document between a rerank prompt's `head` and `tail` tokens, cut to what
+        the largest bucket leaves (and `max_doc_tokens`), in the smallest bucket that
+        holds it; and which documents were cut."""
+        model = self._manifest()
+        budget = model.buckets[-1].seq_len - len(head) - len(tail)
+        if budget < MIN_DOC_TOKENS:
+            raise ValueError(f"query is too long for the rerank model's largest bucket"
+                             f" ({len(head)} prompt tokens, {model.buckets[-1].seq_len})")
+        if max_doc_tokens:
+            budget = max(MIN_DOC_TOKENS, min(budget, max_doc_tokens))
+        jobs: list[tuple[list[int], Bucket]] = []
+        truncated: list[bool] = []
+        for doc in documents:
+            ids = self._encode(doc)
+            truncated.append(len(ids) > budget)
+            ids = head + ids[:budget] + tail
+            jobs.append((ids, model.bucket_for(len(ids))))
+        return jobs, truncated
 
     def _run(self, jobs: list[tuple[list[int], Bucket]]) -> list[np.ndarray]:
         """Each job's first output, bucket by bucket, spread over the core contexts."""

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from npuserve.daemon.config import DEFAULT_RERANK_TEMPLATE
 from npuserve.daemon.models.backend_api import ModelLoadError, RerankOutput
-from npuserve.daemon.models.qmd_conventions import MIN_DOC_TOKENS, p_yes, split_rerank_template
+from npuserve.daemon.models.qmd_conventions import p_yes, split_rerank_template
 
 from .model_backend import NpuModelBackend
-from .model_dir import Bucket, NpuModel
+from .model_dir import NpuModel
 
 
 class NpuRerankBackend(NpuModelBackend):
@@ -32,24 +32,11 @@ class NpuRerankBackend(NpuModelBackend):
 
     def rerank(self, query: str, documents: list[str], instruction: str,
                max_doc_tokens: int = 0) -> RerankOutput:
-        model = self._manifest()
         template = str(self.spec.option("template", DEFAULT_RERANK_TEMPLATE))
         prefix_text, suffix_text = split_rerank_template(template, instruction, query)
-        prefix = self._encode(prefix_text, special=True)
-        suffix = self._encode(suffix_text, special=True)
-        budget = model.buckets[-1].seq_len - len(prefix) - len(suffix)
-        if budget < MIN_DOC_TOKENS:
-            raise ValueError(f"query is too long for the rerank model's largest bucket"
-                             f" ({len(prefix)} prompt tokens, {model.buckets[-1].seq_len})")
-        if max_doc_tokens:
-            budget = max(MIN_DOC_TOKENS, min(budget, max_doc_tokens))
-        jobs: list[tuple[list[int], Bucket]] = []
-        truncated: list[bool] = []
-        for doc in documents:
-            ids = self._encode(doc)
-            truncated.append(len(ids) > budget)
-            ids = prefix + ids[:budget] + suffix
-            jobs.append((ids, model.bucket_for(len(ids))))
+        jobs, truncated = self._pair_jobs(self._encode(prefix_text, special=True),
+                                          self._encode(suffix_text, special=True),
+                                          documents, max_doc_tokens)
         scores = []
         for (ids, _), out in zip(jobs, self._run(jobs), strict=True):
             yes, no = out.reshape(-1, 2)[len(ids) - 1]
