@@ -74,14 +74,18 @@ def build_rknn(onnx_path: Path, rknn_path: Path, samples: Samples, compare: Comp
         rknn = RKNN(verbose=True)
         try:
             with _output_to(log):  # the toolkit logs from native code too: capture the fds
-                if rknn.config(target_platform=platform) != 0:
-                    raise RuntimeError("rknn.config failed")
-                if rknn.load_onnx(model=str(onnx_path)) != 0:
-                    raise RuntimeError(f"rknn.load_onnx({onnx_path.name}) failed")
-                if rknn.build(do_quantization=False) != 0:
-                    raise RuntimeError("rknn.build failed")
+                steps: list[tuple[str, Callable[[], int]]] = [
+                    (f"rknn.config(target_platform={platform})",
+                     lambda: rknn.config(target_platform=platform)),
+                    (f"rknn.load_onnx({onnx_path.name})",
+                     lambda: rknn.load_onnx(model=str(onnx_path))),
+                    ("rknn.build", lambda: rknn.build(do_quantization=False))]
+                failed = next((name for name, step in steps if step() != 0), "")
             log.seek(0)
-            placement = op_placement(log.read().decode("utf-8", "replace"))
+            text = log.read().decode("utf-8", "replace")
+            if failed:  # the reason is in the captured log, not on the terminal
+                raise RuntimeError(f"{failed} failed: {_errors(text)}")
+            placement = op_placement(text)
             # The simulator runs the graph built from ONNX in this session (not a .rknn).
             worst = simulator_agreement(rknn, onnx_path, samples, compare)
             if worst < minimum:
@@ -111,6 +115,13 @@ def _output_to(sink: IO[bytes]) -> Iterator[None]:
         os.dup2(saved[1], 2)
         for fd in saved:
             os.close(fd)
+
+
+def _errors(log: str, last: int = 5) -> str:
+    """The toolkit's last error lines ("E ..."), or the log's tail when it has none."""
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if re.match(r"(\x1b\[[0-9;]*m)?E\b", ln)]
+    return " | ".join((errors or lines)[-last:]) or "no output"
 
 
 # A row of the op table rknn-toolkit2 logs in verbose mode while it builds:
@@ -247,7 +258,9 @@ def score_agreement(simulated: Any, reference: Any, sample: int) -> float:
     """1 - |sigmoid(a) - sigmoid(b)| of a cross-encoder's logits."""
     import numpy as np
 
-    a, b = (1 / (1 + np.exp(-float(np.ravel(x)[0]))) for x in (simulated, reference))
+    from npuserve.daemon.models.qmd_conventions import p_yes
+
+    a, b = (p_yes(float(np.ravel(x)[0]), 0.0) for x in (simulated, reference))
     return 1.0 - abs(a - b)
 
 

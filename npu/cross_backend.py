@@ -6,9 +6,8 @@ is its sigmoid. Every token type is 0, as llama.cpp's BERT graph has it."""
 
 from __future__ import annotations
 
-import math
-
 from npuserve.daemon.models.backend_api import ModelLoadError, RerankOutput
+from npuserve.daemon.models.qmd_conventions import p_yes
 
 from .model_backend import NpuModelBackend
 from .model_dir import CROSS_ENCODER, NpuModel
@@ -35,7 +34,7 @@ class NpuCrossEncoderBackend(NpuModelBackend):
         sep = self._special("[SEP]")
         jobs, truncated = self._pair_jobs(self._special("[CLS]") + self._encode(query) + sep,
                                           sep, documents, max_doc_tokens)
-        scores = [1.0 / (1.0 + math.exp(-float(out.reshape(-1)[0])))
-                  for out in self._run(jobs)]
+        # sigmoid(logit) = softmax([logit, 0])[0]
+        scores = [p_yes(float(out.reshape(-1)[0]), 0.0) for out in self._run(jobs)]
         return RerankOutput(scores=scores, truncated=truncated,
                             tokens=sum(len(ids) for ids, _ in jobs))

@@ -9,6 +9,8 @@ are what a real bge-reranker or ms-marco cross-encoder GGUF has.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,79 @@ def _copy_fields(reader: GGUFReader, writer: GGUFWriter, override: dict[str, int
         writer.add_key_value(name, field.contents(), vtype, sub_type=sub)
 
 
+@dataclass(frozen=True)
+class Dims:
+    """A decoder stack's shape, small."""
+
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+
+    @property
+    def hd(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def _add_shape(writer: GGUFWriter, d: Dims, rope_base: float) -> None:
+    """The hyperparameters llama.cpp reads for a Qwen3- or Gemma-3-style stack."""
+    writer.add_block_count(d.n_layer)
+    writer.add_context_length(2048)
+    writer.add_embedding_length(d.n_embd)
+    writer.add_feed_forward_length(d.n_ff)
+    writer.add_head_count(d.n_head)
+    writer.add_head_count_kv(d.n_head_kv)
+    writer.add_key_length(d.hd)
+    writer.add_value_length(d.hd)
+    writer.add_rope_freq_base(rope_base)
+    writer.add_layer_norm_rms_eps(1e-6)
+
+
+def _random(seed: int) -> Callable[..., np.ndarray]:
+    rng = np.random.default_rng(seed)
+
+    def w(*shape: int, scale: float = 0.05) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    return w
+
+
+def _add_blocks(writer: GGUFWriter, d: Dims, w: Callable[..., np.ndarray],
+                post_norms: bool) -> None:
+    """Every layer's tensors under llama.cpp's names (q/k norms per head; with `post_norms`,
+    Gemma 3's norms after attention and FFN), then the output norm. Norms are stored as
+    ones (Gemma's GGUFs store 1 + w, the converter adds the one)."""
+    ones = lambda n: np.ones(n, dtype=np.float32)  # noqa: E731
+    hd = d.hd
+    for i in range(d.n_layer):
+        p = f"blk.{i}."
+        writer.add_tensor(p + "attn_norm.weight", ones(d.n_embd))
+        writer.add_tensor(p + "attn_q.weight", w(d.n_head * hd, d.n_embd))
+        writer.add_tensor(p + "attn_k.weight", w(d.n_head_kv * hd, d.n_embd))
+        writer.add_tensor(p + "attn_v.weight", w(d.n_head_kv * hd, d.n_embd))
+        writer.add_tensor(p + "attn_q_norm.weight", ones(hd))
+        writer.add_tensor(p + "attn_k_norm.weight", ones(hd))
+        writer.add_tensor(p + "attn_output.weight", w(d.n_embd, d.n_head * hd))
+        if post_norms:
+            writer.add_tensor(p + "post_attention_norm.weight", ones(d.n_embd))
+        writer.add_tensor(p + "ffn_norm.weight", ones(d.n_embd))
+        writer.add_tensor(p + "ffn_gate.weight", w(d.n_ff, d.n_embd))
+        writer.add_tensor(p + "ffn_up.weight", w(d.n_ff, d.n_embd))
+        writer.add_tensor(p + "ffn_down.weight", w(d.n_embd, d.n_ff))
+        if post_norms:
+            writer.add_tensor(p + "post_ffw_norm.weight", ones(d.n_embd))
+    writer.add_tensor("output_norm.weight", ones(d.n_embd))
+
+
+def _write(writer: GGUFWriter, out: Path) -> Path:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
 def cross_encoder_from(encoder: Path, out: Path, seed: int = 7) -> Path:
     """A BERT cross-encoder GGUF: `encoder`'s weights and tokenizer plus a random head."""
     reader = GGUFReader(encoder)
@@ -47,11 +122,7 @@ def cross_encoder_from(encoder: Path, out: Path, seed: int = 7) -> Path:
     writer.add_tensor("cls.output.weight", (rng.standard_normal((1, n_embd)) * scale * 4)
                       .astype(np.float32))
     writer.add_tensor("cls.output.bias", np.zeros(1, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return out
+    return _write(writer, out)
 
 
 # Qwen3's chat template as the Qwen3 GGUFs carry it, thinking switch included (llama.cpp's
@@ -74,19 +145,10 @@ def tiny_qwen3(tokenizer_from: Path, out: Path, *, pooling: int | None = None, s
     model and appends EOS as Qwen3-Embedding does."""
     src = GGUFReader(tokenizer_from)
     n_vocab = len(src.fields["tokenizer.ggml.tokens"].contents())
-    hd = n_embd // n_head
+    d = Dims(n_embd, n_layer, n_head, n_head_kv, n_ff)
     writer = GGUFWriter(out, "qwen3")
     writer.add_name("tiny-qwen3")
-    writer.add_block_count(n_layer)
-    writer.add_context_length(2048)
-    writer.add_embedding_length(n_embd)
-    writer.add_feed_forward_length(n_ff)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_head_kv)
-    writer.add_key_length(hd)
-    writer.add_value_length(hd)
-    writer.add_rope_freq_base(1_000_000.0)
-    writer.add_layer_norm_rms_eps(1e-6)
+    _add_shape(writer, d, 1_000_000.0)
     if pooling is not None:
         writer.add_uint32("qwen3.pooling_type", pooling)
     for name, field in src.fields.items():
@@ -99,33 +161,11 @@ def tiny_qwen3(tokenizer_from: Path, out: Path, *, pooling: int | None = None, s
         writer.add_key_value(name, field.contents(), vtype, sub_type=sub)
     writer.add_chat_template(QWEN3_TEMPLATE)
     writer.add_add_eos_token(pooling is not None)
-    rng = np.random.default_rng(seed)
-
-    def w(*shape: int, scale: float = 0.05) -> np.ndarray:
-        return (rng.standard_normal(shape) * scale).astype(np.float32)
-
-    ones = lambda n: np.ones(n, dtype=np.float32)  # noqa: E731
+    w = _random(seed)
     writer.add_tensor("token_embd.weight", w(n_vocab, n_embd, scale=0.5))
-    for i in range(n_layer):
-        p = f"blk.{i}."
-        writer.add_tensor(p + "attn_norm.weight", ones(n_embd))
-        writer.add_tensor(p + "attn_q.weight", w(n_head * hd, n_embd))
-        writer.add_tensor(p + "attn_k.weight", w(n_head_kv * hd, n_embd))
-        writer.add_tensor(p + "attn_v.weight", w(n_head_kv * hd, n_embd))
-        writer.add_tensor(p + "attn_q_norm.weight", ones(hd))
-        writer.add_tensor(p + "attn_k_norm.weight", ones(hd))
-        writer.add_tensor(p + "attn_output.weight", w(n_embd, n_head * hd))
-        writer.add_tensor(p + "ffn_norm.weight", ones(n_embd))
-        writer.add_tensor(p + "ffn_gate.weight", w(n_ff, n_embd))
-        writer.add_tensor(p + "ffn_up.weight", w(n_ff, n_embd))
-        writer.add_tensor(p + "ffn_down.weight", w(n_embd, n_ff))
-    writer.add_tensor("output_norm.weight", ones(n_embd))
+    _add_blocks(writer, d, w, post_norms=False)
     writer.add_tensor("output.weight", w(n_vocab, n_embd, scale=0.5))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return out
+    return _write(writer, out)
 
 
 MEAN_POOLING = 1
@@ -157,19 +197,10 @@ def tiny_gemma_embedding(out: Path, *, seed: int = 11, n_embd: int = 64, n_layer
     Gemma 3's pattern has five sliding-window layers to one global: with no global layer
     llama.cpp leaves the global mask unallocated and aborts on the first input."""
     arch = "gemma-embedding"
-    hd = n_embd // n_head
+    d = Dims(n_embd, n_layer, n_head, n_head_kv, n_ff)
     writer = GGUFWriter(out, arch)
     writer.add_name("tiny-embeddinggemma")
-    writer.add_block_count(n_layer)
-    writer.add_context_length(2048)
-    writer.add_embedding_length(n_embd)
-    writer.add_feed_forward_length(n_ff)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_head_kv)
-    writer.add_key_length(hd)
-    writer.add_value_length(hd)
-    writer.add_rope_freq_base(10_000.0)
-    writer.add_layer_norm_rms_eps(1e-6)
+    _add_shape(writer, d, 10_000.0)
     writer.add_uint32(f"{arch}.attention.sliding_window", 512)
     writer.add_uint32(f"{arch}.pooling_type", MEAN_POOLING)
     tokens, scores, types = _spm_vocab()
@@ -183,30 +214,9 @@ def tiny_gemma_embedding(out: Path, *, seed: int = 11, n_embd: int = 64, n_layer
     writer.add_pad_token_id(0)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(True)
-    rng = np.random.default_rng(seed)
-
-    def w(*shape: int, scale: float = 0.05) -> np.ndarray:
-        return (rng.standard_normal(shape) * scale).astype(np.float32)
-
-    # Gemma's norms scale by (1 + w); its GGUFs store 1 + w (the converter adds the one).
-    norm = lambda n: np.ones(n, dtype=np.float32)  # noqa: E731
+    w = _random(seed)
     writer.add_tensor("token_embd.weight", w(len(tokens), n_embd, scale=0.5))
-    for i in range(n_layer):
-        p = f"blk.{i}."
-        writer.add_tensor(p + "attn_norm.weight", norm(n_embd))
-        writer.add_tensor(p + "attn_q.weight", w(n_head * hd, n_embd))
-        writer.add_tensor(p + "attn_k.weight", w(n_head_kv * hd, n_embd))
-        writer.add_tensor(p + "attn_v.weight", w(n_head_kv * hd, n_embd))
-        writer.add_tensor(p + "attn_q_norm.weight", norm(hd))
-        writer.add_tensor(p + "attn_k_norm.weight", norm(hd))
-        writer.add_tensor(p + "attn_output.weight", w(n_embd, n_head * hd))
-        writer.add_tensor(p + "post_attention_norm.weight", norm(n_embd))
-        writer.add_tensor(p + "ffn_norm.weight", norm(n_embd))
-        writer.add_tensor(p + "ffn_gate.weight", w(n_ff, n_embd))
-        writer.add_tensor(p + "ffn_up.weight", w(n_ff, n_embd))
-        writer.add_tensor(p + "ffn_down.weight", w(n_embd, n_ff))
-        writer.add_tensor(p + "post_ffw_norm.weight", norm(n_embd))
-    writer.add_tensor("output_norm.weight", norm(n_embd))
+    _add_blocks(writer, d, w, post_norms=True)
     # sentence-transformers' two dense projections after pooling (768 -> 3072 -> 768 in
     # embeddinggemma), here n_embd -> n_dense -> n_embd.
     writer.add_tensor("dense_2.weight", w(n_dense, n_embd))
@@ -215,8 +225,4 @@ def tiny_gemma_embedding(out: Path, *, seed: int = 11, n_embd: int = 64, n_layer
     writer.add_uint32(f"{arch}.dense_2_feat_out", n_dense)
     writer.add_uint32(f"{arch}.dense_3_feat_in", n_dense)
     writer.add_uint32(f"{arch}.dense_3_feat_out", n_embd)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return out
+    return _write(writer, out)

