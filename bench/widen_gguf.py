@@ -19,9 +19,10 @@ from pathlib import Path
 import llama_cpp
 
 
-def widen(src: Path, dst: Path) -> None:
+def widen(src: Path, dst: Path, ftype: int = llama_cpp.LLAMA_FTYPE_MOSTLY_F16) -> None:
+    """`dst`: `src` at F16 (or `ftype`, e.g. LLAMA_FTYPE_ALL_F32)."""
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_F16
+    params.ftype = ftype
     params.allow_requantize = True  # the source is already quantized
     params.nthread = os.cpu_count() or 1
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)

@@ -73,8 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(add)
 
     conv = sub.add_parser("convert", help="make an NPU model directory (embedding or rerank)")
-    conv.add_argument("--task", choices=["embed", "rerank"], default="embed",
-                      help="embed: a HF BERT directory; rerank: a llama-architecture GGUF")
+    conv.add_argument("--task", choices=["embed", "rerank", "expand"], default="embed",
+                      help="embed: a HF BERT directory; rerank: a llama-architecture GGUF"
+                           " (with --runtime rkllm: the model's GGUF twin, any of the three)")
+    conv.add_argument("--runtime", choices=["rknn", "rkllm"], default="rknn",
+                      help="rknn: build RKNN graphs (rknn-toolkit2); rkllm: a directory for"
+                           " Rockchip's LLM runtime around a .rkllm file and its GGUF twin")
+    conv.add_argument("--rkllm", default=None,
+                      help="with --runtime rkllm: the .rkllm file (from rkllm-toolkit);"
+                           " without it, only the reference runtime can run the directory")
+    conv.add_argument("--context", type=int, default=4096,
+                      help="with --runtime rkllm: max_context_len (the .rkllm's, at most)")
     conv.add_argument("--from", dest="source", default=None,
                       help="the model (default: all-MiniLM-L6-v2 from PyPI for embed, the"
                            " prepared rerank GGUF for rerank)")
@@ -257,7 +266,37 @@ def _convert_cross_encoder(source: Path, out: Path, name: str, args: argparse.Na
     return 0
 
 
+def _convert_rkllm(cfg: Config, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from npuserve.npu.rkllm_convert import RkllmConvertError, convert_rkllm
+
+    if not args.source:
+        print("--runtime rkllm needs --from THE_MODEL.gguf (the .rkllm's GGUF twin)",
+              file=sys.stderr)
+        return 2
+    source = Path(args.source)
+    name = args.name or source.name.split(".")[0].lower()
+    out = Path(args.out) if args.out else cfg.models_dir / f"{name}-{args.task}-rkllm"
+    try:
+        convert_rkllm(source, out, name, args.task,
+                      Path(args.rkllm) if args.rkllm else None, args.context, args.target)
+    except (RkllmConvertError, OSError) as exc:
+        print(f"cannot make an RKLLM directory from {source.name}: {exc}", file=sys.stderr)
+        return 2
+    role = "rerank" if args.task == "rerank" else args.task
+    print(f"RKLLM model directory: {out}\nuse it with: --set models.{role}.path={out}"
+          f" --set models.{role}.cpu_path={source}")
+    return 0
+
+
 def cmd_convert(cfg: Config, args: argparse.Namespace) -> int:
+    if args.runtime == "rkllm":
+        return _convert_rkllm(cfg, args)
+    if args.task == "expand":
+        print("--task expand needs --runtime rkllm (RKNN graphs do not generate)",
+              file=sys.stderr)
+        return 2
     if args.task == "rerank":
         return _convert_rerank(cfg, args)
     import tempfile

@@ -170,11 +170,15 @@ _EXPAND: dict[str, Key] = {
 }
 _NPU: dict[str, Key] = {
     "runtime": Key(
-        str, "auto", "NPU runtime: auto (rknnlite when the board has a usable NPU), rknnlite,"
-        " reference (the ONNX twin on onnxruntime: for x86 testing, not acceleration)",
+        str, "auto", "NPU runtime: auto (the vendor runtimes when the board has a usable NPU),"
+        " rknnlite, reference (ONNX twins on onnxruntime, GGUF twins on the reference"
+        " librkllmrt: for x86 testing, not acceleration)",
         ("auto", "rknnlite", "reference")),
     "cores": Key(int, 0, "NPU cores to use, one RKNNLite context each (0: all the SoC has:"
                  " 3 on the RK3588, 2 on the RK3576, 1 on the RK3566/RK3568)", minimum=0),
+    "rkllm_library": Key(
+        str, "", "librkllmrt to load for RKLLM model directories (empty: /usr/lib's; with"
+        " runtime reference, the reference library built from npu/reference_rkllm)"),
     "failure_threshold": Key(
         int, 2, "consecutive NPU failures before its work moves to the CPU twin", minimum=1),
     "reprobe_seconds": Key(

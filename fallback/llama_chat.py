@@ -70,7 +70,7 @@ class ChatGeneration:
         grammar = self._grammar_for(req)
         free, pick = self._client_chain(req), self._client_chain(req)
         smp = self._grammar_sampler(grammar, free, pick) if grammar else None
-        stream = _Stream(req.stop, emit if req.stream else None)
+        stream = TextStream(req.stop, emit if req.stream else None)
         generated, finish = 0, "length"
         try:
             self._clear()
@@ -97,16 +97,8 @@ class ChatGeneration:
 
     def _as_expansion(self, user: str, req: wp.Generate, emit: Callable[[str], None]
                       ) -> GenerateOutput:
-        """QMD's expansion asked through a chat or completion endpoint: run exactly what
-        /expand runs (QMD's prompt, sampling, grammar and line filter), and answer its lines
-        as `type: text` lines - what these clients parse."""
-        query, intent = parse_expansion_request(user)
-        out = self.expand_many([ExpandRequest(query, intent, True)])[0]
-        text = "".join(f"{kind}: {line}\n" for kind, line in out.lines)
-        if req.stream:
-            emit(text)
-        prompt = len(self._chat_prompt(expansion_prompt(query, intent)))
-        return GenerateOutput(text, prompt, max(0, out.tokens - prompt), "stop")
+        return as_expansion(self.expand_many, lambda text: len(self._chat_prompt(text)),
+                            user, req, emit)
 
     # --- prompt -----------------------------------------------------------------------
 
@@ -117,66 +109,92 @@ class ChatGeneration:
         return self._tokenizer().tokenize(text, add_special=True, parse_special=True)
 
     def _render_chat(self, messages: tuple[tuple[str, str], ...]) -> str:
-        """The conversation in the model's own chat template (llama.cpp's renderer of the
-        GGUF's tokenizer.chat_template), ChatML if it has none or llama.cpp cannot
-        render it."""
-        assert self.model is not None
-        llama = self.model.lib
-        template = llama.llama_model_chat_template(self.model.ptr, None)
-        if template:
-            keep = [(role.encode(), content.encode()) for role, content in messages]
-            chat = (llama.llama_chat_message * len(keep))(
-                *(llama.llama_chat_message(role=r, content=c) for r, c in keep))
-            size = sum(len(c) for _, c in keep) * 2 + 1024
-            for _ in range(2):
-                buf = ctypes.create_string_buffer(size)
-                n = llama.llama_chat_apply_template(template, chat, len(keep), True, buf, size)
-                if 0 < n <= size:
-                    return buf.raw[:n].decode("utf-8", "replace")
-                if n <= 0:
-                    break
-                size = n  # it returned the length it needs
-        turns = "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n"
-                        for role, content in messages)
-        return turns + "<|im_start|>assistant\n"
+        return render_chat(self.model, messages)
 
     # --- sampling ---------------------------------------------------------------------
 
     def _grammar_for(self, req: wp.Generate) -> str:
-        """The request's grammar: its own GBNF, one made from its JSON schema, or none."""
-        if req.grammar:
-            return req.grammar
-        if req.json_schema:
-            high_level()  # the package, beside the bindings the worker already uses
-            grammars = importlib.import_module("llama_cpp.llama_grammar")
-            if req.json_schema.strip() in ("", "{}"):
-                return str(grammars.JSON_GBNF)
-            try:
-                json.loads(req.json_schema)
-                return str(grammars.json_schema_to_gbnf(req.json_schema))
-            except Exception as exc:  # its converter asserts on schemas it does not know
-                raise ValueError(f"the JSON schema cannot be turned into a grammar:"
-                                 f" {str(exc)[:200]}") from exc
-        return ""
+        return grammar_for(req)
 
     def _client_chain(self, req: wp.Generate) -> Any:
-        assert self.model is not None
-        llama = self.model.lib
-        chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
-        if req.temperature <= 0:
-            parts = [llama.llama_sampler_init_greedy()]
-        else:
-            seed = req.seed & 0xFFFFFFFF if req.seed >= 0 else 0xFFFFFFFF
-            parts = [llama.llama_sampler_init_top_k(max(0, req.top_k)),
-                     llama.llama_sampler_init_top_p(req.top_p, 1),
-                     llama.llama_sampler_init_temp(req.temperature),
-                     llama.llama_sampler_init_dist(seed)]
-        for part in parts:
-            llama.llama_sampler_chain_add(chain, part)
-        return chain
+        return client_chain(self.model, req)
 
 
-class _Stream:
+def as_expansion(expand_many: Callable[[list[ExpandRequest]], list[Any]],
+                 prompt_len: Callable[[str], int], user: str, req: wp.Generate,
+                 emit: Callable[[str], None]) -> GenerateOutput:
+    """QMD's expansion asked through a chat or completion endpoint: run exactly what
+    /expand runs (QMD's prompt, sampling, grammar and line filter), and answer its lines
+    as `type: text` lines - what these clients parse."""
+    query, intent = parse_expansion_request(user)
+    out = expand_many([ExpandRequest(query, intent, True)])[0]
+    text = "".join(f"{kind}: {line}\n" for kind, line in out.lines)
+    if req.stream:
+        emit(text)
+    prompt = prompt_len(expansion_prompt(query, intent))
+    return GenerateOutput(text, prompt, max(0, out.tokens - prompt), "stop")
+
+
+def render_chat(model: Any, messages: tuple[tuple[str, str], ...]) -> str:
+    """The conversation in the model's own chat template (llama.cpp's renderer of the
+    GGUF's tokenizer.chat_template), ChatML if it has none or llama.cpp cannot render it.
+    `model`: a fallback.llama_session.LlamaModel (weights or vocabulary only)."""
+    llama = model.lib
+    template = llama.llama_model_chat_template(model.ptr, None)
+    if template:
+        keep = [(role.encode(), content.encode()) for role, content in messages]
+        chat = (llama.llama_chat_message * len(keep))(
+            *(llama.llama_chat_message(role=r, content=c) for r, c in keep))
+        size = sum(len(c) for _, c in keep) * 2 + 1024
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = llama.llama_chat_apply_template(template, chat, len(keep), True, buf, size)
+            if 0 < n <= size:
+                return buf.raw[:n].decode("utf-8", "replace")
+            if n <= 0:
+                break
+            size = n  # it returned the length it needs
+    turns = "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n"
+                    for role, content in messages)
+    return turns + "<|im_start|>assistant\n"
+
+
+def grammar_for(req: wp.Generate) -> str:
+    """The request's grammar: its own GBNF, one made from its JSON schema, or none."""
+    if req.grammar:
+        return req.grammar
+    if req.json_schema:
+        high_level()  # the package, beside the bindings the worker already uses
+        grammars = importlib.import_module("llama_cpp.llama_grammar")
+        if req.json_schema.strip() in ("", "{}"):
+            return str(grammars.JSON_GBNF)
+        try:
+            json.loads(req.json_schema)
+            return str(grammars.json_schema_to_gbnf(req.json_schema))
+        except Exception as exc:  # its converter asserts on schemas it does not know
+            raise ValueError(f"the JSON schema cannot be turned into a grammar:"
+                             f" {str(exc)[:200]}") from exc
+    return ""
+
+
+def client_chain(model: Any, req: wp.Generate) -> Any:
+    """The client's sampling (greedy at temperature 0) as a llama.cpp sampler chain."""
+    llama = model.lib
+    chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+    if req.temperature <= 0:
+        parts = [llama.llama_sampler_init_greedy()]
+    else:
+        seed = req.seed & 0xFFFFFFFF if req.seed >= 0 else 0xFFFFFFFF
+        parts = [llama.llama_sampler_init_top_k(max(0, req.top_k)),
+                 llama.llama_sampler_init_top_p(req.top_p, 1),
+                 llama.llama_sampler_init_temp(req.temperature),
+                 llama.llama_sampler_init_dist(seed)]
+    for part in parts:
+        llama.llama_sampler_chain_add(chain, part)
+    return chain
+
+
+class TextStream:
     """Generated bytes -> text: whole UTF-8 characters only, cut at the first stop string,
     and (streaming) sent on as soon as no stop string can still begin in them."""
 

@@ -107,8 +107,12 @@ class LlamaEmbedBackend(LlamaSession, Backend):
     def _trailing_specials(self) -> list[int]:
         # Tokens the model appends after the text (BERT's [SEP], an EOS for
         # last-token pooling): truncation must keep them.
-        empty = self._tokenizer().tokenize("")
-        return empty[-1:] if len(empty) >= 2 else []
+        # A model that adds only an EOS (Qwen3-Embedding) has one token here, which is
+        # no BOS; one that adds only a BOS has nothing to keep.
+        vocab = self._tokenizer()
+        empty = vocab.tokenize("")
+        bos = int(vocab.lib.llama_vocab_bos(vocab.vocab))
+        return empty[-1:] if empty and empty[-1] != bos else []
 
     def tokens(self, text: str) -> tuple[list[int], bool]:
         toks = self._tokenizer().tokenize(text)

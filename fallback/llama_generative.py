@@ -9,7 +9,6 @@ high-level `Llama` cannot, and the worker needs neither numpy nor jinja2.
 from __future__ import annotations
 
 import ctypes
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,47 +36,30 @@ from npuserve.daemon.worker.protocol import ModelSpec
 
 from .llama_chat import ChatGeneration
 from .llama_common import set_threads, thread_count
+from .llama_sampling import (
+    Sampler,
+    allows,
+    chat_tokens,
+    constrained_pick,
+    expansion_chain,
+    free_sampler,
+    grammar_sampler,
+    keep,
+    piece,
+)
 from .llama_session import LlamaModel, LlamaSession
 
 # Expansions generated together, one token each per decode: a step of a small model is
 # memory-bound, so eight sequences cost little more than one (bench/bench_scheduler.py).
 MAX_PARALLEL_EXPANSIONS = 8
 DEFAULT_UBATCH = 128
-# Candidates a rejected token is drawn again from (the grammar's pass over them is what
-# costs): QMD samples from the top 20, so 256 leave room for the grammar's refusals.
-CONSTRAINED_CANDIDATES = 256
-# llama_token_data as numpy sees it: int32 id, float logit, float p.
-CANDIDATE_DTYPE = [("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]
-
-
-@dataclass
-class _Sampler:
-    """QMD's sampling under the expansion grammar, grammar checked after sampling.
-
-    Applying the grammar to every candidate costs a pass over the whole vocabulary: 6 ms
-    a token for SmolLM2's 49k, and for gemma-3's 262k some 50 MB of transient C++
-    allocations (one decoded piece per token), which set the worker's peak memory. So
-    `free` samples without the grammar and the grammar checks that one token; only a
-    token it rejects is drawn again, by `pick` over the CONSTRAINED_CANDIDATES most
-    likely tokens the grammar allows (the whole vocabulary only if it allows none of
-    them). `free` accepts its own draws; `grammar` and `pick` accept every token kept,
-    so the grammar's state and the penalties' history follow the text.
-    """
-
-    free: Any  # chain: penalties + sampling, drawn with llama_sampler_sample
-    pick: Any  # chain: penalties + sampling, applied to a candidate array
-    grammar: Any  # the expansion grammar, standalone
-    one: Any  # a one-candidate llama_token_data_array for the check
-    slot: Any
-
-
 @dataclass
 class _Sequence:
     """One expansion in flight: its sampler, output bytes, where it stands."""
 
     index: int
     prompt: list[int]
-    sampler: _Sampler
+    sampler: Sampler
     out: bytearray
     generated: int = 0
     logits_at: int = -1  # batch position of its last token's logits
@@ -96,7 +78,6 @@ class LlamaGenerativeBackend(ChatGeneration, LlamaSession, Backend):
         self._yes = self._no = -1
         self._seed = 0
         self._ctx_kind: tuple[int, bool] = (0, False)
-        self._candidates: Any = None  # llama_token_data[n_vocab] while generating
         # The rerank prefix whose KV cells sequence 0 holds at positions 0..len-1 (None:
         # the cache holds something else). A long rerank arrives in slices, each a call
         # with the same query: its prefix is evaluated once, not once per slice.
@@ -350,98 +331,45 @@ class LlamaGenerativeBackend(ChatGeneration, LlamaSession, Backend):
         finally:
             for seq in seqs:
                 self._free_sampler(llama, seq.sampler)
-            self._candidates = None
         for seq in seqs:
             raws[seq.index] = (seq.out.decode("utf-8", "ignore"),
                                len(seq.prompt) + seq.generated)
 
-    def _sampler(self) -> _Sampler:
+    def _sampler(self) -> Sampler:
         """QMD's sampling (temperature, top-k, top-p, presence penalty) under the bounded
         expansion grammar; greedy at temperature 0."""
+        assert self.model is not None
         opt = self.spec.option
         grammar_text = expansion_grammar(int(opt("max_lines", 6)),
                                          int(opt("max_line_chars", 160)))
         seed = self._next_seed()
-        return self._grammar_sampler(grammar_text, self._chain(seed), self._chain(seed))
+        return self._grammar_sampler(grammar_text, expansion_chain(self.model, opt, seed),
+                                     expansion_chain(self.model, opt, seed))
 
-    def _grammar_sampler(self, grammar_text: str, free: Any, pick: Any) -> _Sampler:
-        """`free` and `pick` (sampler chains, owned from here on) under a GBNF grammar."""
+    def _grammar_sampler(self, grammar_text: str, free: Any, pick: Any) -> Sampler:
         assert self.model is not None
-        llama = self.model.lib
-        grammar = llama.llama_sampler_init_grammar(self.model.vocab, grammar_text.encode(),
-                                                   b"root")
-        if not grammar:
-            llama.llama_sampler_free(free)
-            llama.llama_sampler_free(pick)
-            raise ValueError("llama.cpp could not parse the grammar (GBNF)")
-        slot = (llama.llama_token_data * 1)()
-        one = llama.llama_token_data_array(slot, 1, -1, False)
-        return _Sampler(free, pick, grammar, one, slot)
-
-    def _chain(self, seed: int) -> Any:
-        assert self.model is not None
-        llama, opt = self.model.lib, self.spec.option
-        chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
-        parts = [llama.llama_sampler_init_penalties(
-            llama.llama_vocab_n_tokens(self.model.vocab), 64, 1.0, 0.0,
-            float(opt("presence_penalty", 0.5)))]
-        temperature = float(opt("temperature", 0.7))
-        if temperature <= 0:
-            parts.append(llama.llama_sampler_init_greedy())
-        else:
-            parts += [llama.llama_sampler_init_top_k(int(opt("top_k", 20))),
-                      llama.llama_sampler_init_top_p(float(opt("top_p", 0.8)), 1),
-                      llama.llama_sampler_init_temp(temperature),
-                      llama.llama_sampler_init_dist(seed)]
-        for part in parts:
-            llama.llama_sampler_chain_add(chain, part)
-        return chain
+        return grammar_sampler(self.model, grammar_text, free, pick)
 
     @staticmethod
-    def _free_sampler(lib: Any, smp: _Sampler) -> None:
-        for part in (smp.free, smp.pick, smp.grammar):
-            lib.llama_sampler_free(part)
+    def _free_sampler(lib: Any, smp: Sampler) -> None:
+        free_sampler(lib, smp)
 
-    def _sample(self, smp: _Sampler, idx: int) -> int:
+    def _sample(self, smp: Sampler, idx: int) -> int:
+        """Drawn by `free`, checked by the grammar; drawn again among the tokens it allows
+        only when it refuses."""
         assert self.model is not None
         llama = self.model.lib
         tok = llama.llama_sampler_sample(smp.free, self.ctx, idx)  # accepted by `free`
-        smp.slot[0].id, smp.slot[0].logit, smp.slot[0].p = tok, 0.0, 0.0
-        smp.one.size, smp.one.selected = 1, -1
-        llama.llama_sampler_apply(smp.grammar, ctypes.byref(smp.one))
-        if smp.slot[0].logit == -math.inf:
-            tok = self._constrained(smp, idx)
+        if not allows(llama, smp, tok):
+            import numpy as np  # only the worker of a generative model, only on this path
+
+            n_vocab = int(llama.llama_vocab_n_tokens(self.model.vocab))
+            logits = np.ctypeslib.as_array(llama.llama_get_logits_ith(self.ctx, idx),
+                                           shape=(n_vocab,))
+            tok = constrained_pick(self.model, smp, logits)
             llama.llama_sampler_accept(smp.free, tok)
-        llama.llama_sampler_accept(smp.grammar, tok)
-        llama.llama_sampler_accept(smp.pick, tok)
+        keep(llama, smp, tok)
         return tok
-
-    def _constrained(self, smp: _Sampler, idx: int) -> int:
-        """A token the grammar allows, drawn by `pick` from the most likely candidates."""
-        import numpy as np  # only the worker of a generative model, only on this path
-
-        assert self.model is not None
-        llama = self.model.lib
-        n_vocab = int(llama.llama_vocab_n_tokens(self.model.vocab))
-        if self._candidates is None:
-            self._candidates = (llama.llama_token_data * n_vocab)()
-        view = np.frombuffer(self._candidates, dtype=CANDIDATE_DTYPE)
-        logits = np.ctypeslib.as_array(llama.llama_get_logits_ith(self.ctx, idx),
-                                       shape=(n_vocab,))
-        k = min(CONSTRAINED_CANDIDATES, n_vocab)
-        for ids in (np.argpartition(logits, n_vocab - k)[n_vocab - k:], None):
-            n = n_vocab if ids is None else len(ids)
-            view["id"][:n] = np.arange(n_vocab) if ids is None else ids
-            view["logit"][:n] = logits if ids is None else logits[ids]
-            view["p"][:n] = 0.0
-            cur = llama.llama_token_data_array(self._candidates, n, -1, False)
-            llama.llama_sampler_apply(smp.grammar, ctypes.byref(cur))
-            if np.isfinite(view["logit"][:n]).any():
-                llama.llama_sampler_apply(smp.pick, ctypes.byref(cur))
-                return int(view["id"][cur.selected])
-        # Unreachable with QMD's grammar (a line can always end); a stuck grammar must
-        # fail the request, not abort the worker in llama.cpp's accept.
-        raise BackendError("the expansion grammar allows no token here")
 
     def _next_seed(self) -> int:
         if self._seed == 0xFFFFFFFF:  # -1: a fresh random seed each time
@@ -451,28 +379,8 @@ class LlamaGenerativeBackend(ChatGeneration, LlamaSession, Backend):
 
     def _piece(self, tok: int) -> bytes:
         assert self.model is not None
-        buf = ctypes.create_string_buffer(64)
-        n = self.model.lib.llama_token_to_piece(self.model.vocab, tok, buf, 64, 0, False)
-        return buf.raw[:max(0, n)]
+        return piece(self.model, tok)
 
     def _chat_prompt(self, user: str) -> list[int]:
-        """The model's own chat template (llama.cpp's built-in renderer), ChatML if none."""
         assert self.model is not None
-        llama = self.model.lib
-        template = llama.llama_model_chat_template(self.model.ptr, None)
-        text = None
-        if template:
-            msg = llama.llama_chat_message(role=b"user", content=user.encode())
-            chat = (llama.llama_chat_message * 1)(msg)
-            size = len(user.encode()) * 2 + 512
-            buf = ctypes.create_string_buffer(size)
-            n = llama.llama_chat_apply_template(template, chat, 1, True, buf, size)
-            if n > size:  # returns the length it needs
-                size = n
-                buf = ctypes.create_string_buffer(size)
-                n = llama.llama_chat_apply_template(template, chat, 1, True, buf, size)
-            if 0 < n <= size:
-                text = buf.raw[:n].decode("utf-8", "replace")
-        if text is None:
-            text = f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-        return self._tokenizer().tokenize(text, add_special=True, parse_special=True)
+        return chat_tokens(self.model, user)

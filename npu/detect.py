@@ -50,6 +50,8 @@ RKLLM_LIBS = ("/usr/lib/librkllmrt.so", "/usr/lib/aarch64-linux-gnu/librkllmrt.s
 # librkllmrt warns "Your rknpu driver version is too low, please upgrade to 0.9.7" below
 # this (seen with runtime 1.1.2 on driver 0.8.2, where models then failed to load).
 RKLLM_MIN_DRIVER = (0, 9, 7)
+# The rkllm.h npuserve's ctypes structs describe (npu/rkllm_api.py); others are refused.
+RKLLM_VERSION = "1.3.0"
 
 
 @dataclass
@@ -98,7 +100,7 @@ class NpuReport:
                      if self.rkllm_problems else "not usable")
         return [f"{rknn} - RKNN graphs (embedding, cross-encoder, rerank):"
                 f" {'usable' if self.usable else 'not usable'}",
-                f"{rkllm} - RKLLM (causal LMs; npuserve has no RKLLM backend yet):"
+                f"{rkllm} - RKLLM (.rkllm models: embed, rerank, expansion):"
                 f" {rkllm_use}"]
 
 
@@ -272,6 +274,13 @@ def _probe_runtimes(rep: NpuReport, p: Callable[[str], str], python: tuple[int, 
         rep.rkllm_problems.append(("librkllmrt.so not found in /usr/lib",
                                    "install librkllmrt.so from rknn-llm's rkllm-runtime into"
                                    " /usr/lib (RKLLM runs .rkllm models)"))
+    elif rep.rkllm_version != RKLLM_VERSION:
+        rep.rkllm_problems.append((
+            f"librkllmrt {rep.rkllm_version or 'of unknown version'}: npuserve speaks"
+            f" rkllm.h {RKLLM_VERSION} only (the structs differ between versions)",
+            f"install librkllmrt.so {RKLLM_VERSION} from rknn-llm's release-v{RKLLM_VERSION}"
+            " (rkllm-runtime/Linux/librkllm_api/aarch64), with .rkllm files converted by"
+            f" rkllm-toolkit {RKLLM_VERSION}"))
     rep.rknnlite_importable = importlib.util.find_spec("rknnlite") is not None
     if not rep.rknnlite_importable and python >= RKNNLITE_PYTHON_LIMIT:
         # Debian 13 ships Python 3.13; rknn-toolkit-lite2's wheels stop at 3.12.

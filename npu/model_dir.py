@@ -32,6 +32,26 @@ CROSS_ENCODER = "cross_encoder"  # manifest rerank.kind of a BERT sequence class
 RKNN_INPUT_DTYPES = ("int8", "uint8", "int16", "float16", "float32")
 POOLINGS = ("in_graph", "mean", "cls", "last")
 NORMALIZE = ("in_graph", "numpy", "none")
+# A graph above this size gets one RKNNLite context, not one per core: each context holds
+# the graph twice (the .rknn bytes RKNNLite keeps in Python, even after release(), and
+# librknnrt's own copy), so SmolLM2's 252 MB rerank bucket would cost 1.5 GB on three
+# cores; MiniLM's 23 MB buckets keep the three-core spread.
+SINGLE_CONTEXT_BYTES = 128 * 1024 * 1024
+COPIES_PER_CONTEXT = 2
+
+
+def graph_file(path: Path) -> Path:
+    """The file a context loads: the .rknn, else (reference runtime) its ONNX twin."""
+    return path if path.is_file() else path.with_suffix(".onnx")
+
+
+def contexts_for(path: Path, cores: int) -> int:
+    """RKNNLite contexts for the graph at `path` on `cores` NPU cores."""
+    try:
+        size = graph_file(path).stat().st_size
+    except OSError:
+        return max(1, cores)  # the load will say what is missing
+    return 1 if size > SINGLE_CONTEXT_BYTES else max(1, cores)
 
 
 class ManifestError(ValueError):
@@ -74,7 +94,10 @@ class NpuModel:
 
 
 def is_model_dir(path: Path) -> bool:
-    return path.is_dir() and (path / MANIFEST).is_file()
+    """An RKNN model directory (an RKLLM one has a manifest too: npu/rkllm_dir.py)."""
+    from .rkllm_dir import is_rkllm_dir
+
+    return path.is_dir() and (path / MANIFEST).is_file() and not is_rkllm_dir(path)
 
 
 def rerank_kind(path: Path) -> str | None:

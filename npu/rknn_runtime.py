@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from .model_dir import contexts_for
+
 log = logging.getLogger("npuserve.npu")
 CORE_MASKS = (1, 2, 4)  # NPU_CORE_0, NPU_CORE_1, NPU_CORE_2
 
@@ -73,6 +75,8 @@ class ContextPool:
     def __init__(self, path: Path, cores: int, runtime: str) -> None:
         cls = runtime_class(runtime)
         self.contexts: list[Context] = []
+        # A large graph gets one context: its copies per context would not fit.
+        cores = contexts_for(path, cores)
         try:
             for mask in CORE_MASKS[:max(1, min(cores, len(CORE_MASKS)))]:
                 self.contexts.append(Context(cls, path, mask))

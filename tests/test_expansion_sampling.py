@@ -43,9 +43,9 @@ def test_a_rejected_token_is_drawn_again_from_the_whole_vocabulary_if_need_be(
         backend, monkeypatch):
     """One candidate kept for a redraw: the most likely token, which the grammar has often
     just rejected, so redraws go on to the whole vocabulary; the text obeys the grammar."""
-    import npuserve.fallback.llama_generative as generative
+    import npuserve.fallback.llama_sampling as sampling
 
-    monkeypatch.setattr(generative, "CONSTRAINED_CANDIDATES", 1)
+    monkeypatch.setattr(sampling, "CONSTRAINED_CANDIDATES", 1)
     out = backend.expand("how do I pin threads to cores", None, True)
     raw_lines = out.raw.split("\n")
     assert raw_lines[-1] == "" and len(raw_lines) >= 2, repr(out.raw)

@@ -37,12 +37,13 @@ class Board:
         entry.mkdir(parents=True, exist_ok=True)
         os.symlink(f"../../../bus/platform/drivers/{driver}", entry / "driver")
 
-    def vendor(self, driver_version: str = "0.9.8", rkllm: bool = True) -> Board:
+    def vendor(self, driver_version: str = "0.9.8", rkllm: bool = True,
+               rkllm_version: str = "1.3.0") -> Board:
         self.node("/dev/rknpu", "/sys/class/misc/rknpu", "RKNPU")
         self.write("proc/rknpu/version", f"RKNPU driver: v{driver_version}\n")
         self.write("usr/lib/librknnrt.so", b"\x00librknnrt version: 2.3.2 (429f97ae6b@2025)\x00")
         if rkllm:
-            self.write("usr/lib/librkllmrt.so", b"\x00rkllm-runtime version: 1.2.1\x00")
+            self.write("usr/lib/librkllmrt.so", f"\x00rkllm-runtime version: {rkllm_version}\x00")
         return self
 
 
@@ -65,11 +66,11 @@ def test_vendor_driver_on_an_rk3588(tmp_path, rknnlite, make_config, capsys):
     rep = detect(str(board.root))
     assert rep.usable and rep.rkllm_usable
     assert (rep.driver, rep.driver_version, rep.profile.cores) == ("RKNPU", "0.9.8", 3)
-    assert (rep.runtime_version, rep.rkllm_version) == ("2.3.2 (429f97ae6b@2025)", "1.2.1")
+    assert (rep.runtime_version, rep.rkllm_version) == ("2.3.2 (429f97ae6b@2025)", "1.3.0")
     out = doctor(make_config(), board, capsys)
     assert "NPU available (rk3588, 3 cores, driver RKNPU 0.9.8)" in out
-    assert "librknnrt 2.3.2" in out and "librkllmrt 1.2.1" in out
-    assert "npuserve has no RKLLM backend yet): usable" in out
+    assert "librknnrt 2.3.2" in out and "librkllmrt 1.3.0" in out
+    assert "RKLLM (.rkllm models: embed, rerank, expansion): usable" in out
 
 
 def test_mainline_rocket_driver_says_why_and_what_to_do(tmp_path, rknnlite, make_config,
@@ -104,7 +105,7 @@ def test_old_driver_keeps_rknn_and_refuses_rkllm(tmp_path, rknnlite, make_config
     assert "0.8.2 is older than 0.9.7" in problem and "0.9.8" in fix
     out = doctor(make_config(), board, capsys)
     assert "RKNN graphs (embedding, cross-encoder, rerank): usable" in out
-    assert "yet): not usable: rknpu driver 0.8.2 is older than 0.9.7" in out
+    assert "expansion): not usable: rknpu driver 0.8.2 is older than 0.9.7" in out
 
 
 def test_rk3576_uses_its_two_cores_and_refuses_rk3588_graphs(tmp_path, rknnlite, make_config,
@@ -147,3 +148,44 @@ def test_no_npu_at_all(tmp_path, make_config, capsys):
     assert "no usable NPU" in out and "librknnrt" not in out
     plans, task_model = plan_models(make_config(), str(board.root))
     assert {plans[m].device for m in task_model.values()} == {"cpu"}
+
+
+@pytest.fixture
+def rkllm_dir(tmp_path, models_dir) -> Path:
+    """An RKLLM directory whose .rkllm stands in for rkllm-toolkit's output (the plan reads
+    the manifest only; nothing here loads it)."""
+    from npuserve.npu.rkllm_convert import convert_rkllm
+    from tests.conftest import rerank_gguf
+
+    model = tmp_path / "qwen3-0.6b.rkllm"
+    model.write_bytes(b"RKLLM model bytes")
+    return convert_rkllm(rerank_gguf(models_dir), tmp_path / "smollm2-rkllm", "smollm2",
+                         "rerank", rkllm=model, max_context_len=2048)
+
+
+def test_rkllm_directory_goes_to_the_npu_only_where_rkllm_runs(tmp_path, rknnlite, make_config,
+                                                               rkllm_dir, capsys):
+    def rerank_plan(board: Board) -> tuple[str, str, str]:
+        cfg = make_config(models__rerank__path=str(rkllm_dir),
+                          models__rerank__cpu_path=str(rerank_gguf_of(rkllm_dir)))
+        plans, task_model = plan_models(cfg, str(board.root))
+        plan = plans[task_model["rerank"]]
+        return plan.device, plan.spec.kind, plan.device_reason + doctor(cfg, board, capsys)
+
+    device, kind, _ = rerank_plan(Board(tmp_path / "ok").vendor())
+    assert (device, kind) == ("npu", "rkllm")
+
+    device, _, said = rerank_plan(Board(tmp_path / "old").vendor(rkllm_version="1.2.1"))
+    assert device == "cpu"
+    assert "librkllmrt 1.2.1: npuserve speaks rkllm.h 1.3.0 only" in said
+    assert "release-v1.3.0" in said  # what to do
+
+    device, _, said = rerank_plan(Board(tmp_path / "rk3566", soc="rk3566").vendor())
+    assert device == "cpu" and "RKLLM does not support the rk3566" in said
+
+    device, _, said = rerank_plan(Board(tmp_path / "nolib").vendor(rkllm=False))
+    assert device == "cpu" and "librkllmrt.so not found" in said
+
+
+def rerank_gguf_of(rkllm_dir: Path) -> Path:
+    return Path(json.loads((rkllm_dir / "manifest.json").read_text())["gguf"])

@@ -12,6 +12,7 @@ import pytest
 
 from npuserve.daemon.http.services import SERVICES
 from npuserve.daemon.models.backend_api import ModelLoadError
+from npuserve.daemon.models.backends import memory_estimate
 from npuserve.daemon.models.registry import npu_model_problems
 from npuserve.daemon.worker.protocol import ModelSpec
 from npuserve.npu import detect as detect_module
@@ -266,3 +267,34 @@ def test_refused_graph_says_the_versions_do_not_match(model_built_by_2_5, tmp_pa
     with pytest.raises(ModelLoadError) as refused:
         backend.load()
     assert "init_runtime" in str(refused.value) and "rknn-toolkit2" not in str(refused.value)
+
+
+def test_a_large_graph_gets_one_context_and_memory_counts_each_copy(npu_model, npu_rerank_model,
+                                                                     tmp_path):
+    """Each RKNNLite context holds a graph twice (RKNNLite keeps the .rknn bytes, librknnrt
+    its own copy): a graph above 128 MB gets one context, not one per core, and the plan
+    counts graphs x contexts x 2 + the token table."""
+    small = ContextPool(npu_model / "model_128.rknn", 3, "reference")
+    big = ContextPool(npu_rerank_model / "model_128.rknn", 3, "reference")  # 478 MB twin
+    try:
+        assert (len(small.contexts), len(big.contexts)) == (3, 1)
+    finally:
+        small.release()
+        big.release()
+    # The board's files (sizes as rknn-toolkit2 2.5.0 wrote them for the rk3588).
+    mb = 1024 * 1024
+    for name, src, size in (("minilm", npu_model, 23 * mb), ("smollm2", npu_rerank_model,
+                                                             252 * mb)):
+        board = tmp_path / name
+        board.mkdir()
+        (board / "manifest.json").write_bytes((src / "manifest.json").read_bytes())
+        manifest = json.loads((src / "manifest.json").read_text())
+        for bucket in manifest["buckets"]:
+            with open(board / bucket["rknn"], "wb") as f:
+                f.truncate(size)  # sparse: only its size is read
+        table = src / manifest["token_embeddings"]
+        (board / table.name).symlink_to(table)
+        spec = ModelSpec("m", "rknn_embed", str(board), 512, 2,
+                         (("npu_cores", 3), ("npu_runtime", "rknnlite")))
+        per_core = 3 if name == "minilm" else 1
+        assert memory_estimate(spec) == (2 * size * per_core * 2 + table.stat().st_size)

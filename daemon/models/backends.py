@@ -16,6 +16,7 @@ KINDS: tuple[BackendKind, ...] = (
     npu.RKNN_EMBED,
     npu.RKNN_CROSS_ENCODER,  # before the logit kind: it claims cross-encoder directories only
     npu.RKNN_RERANK,
+    npu.RKLLM,  # RKLLM directories (their manifest says "runtime": "rkllm")
     cpu.OLLAMA,
 )
 _BY_NAME = {k.name: k for k in KINDS}

@@ -48,35 +48,63 @@ class NpuStatus:
     reason: str
     cores: int = 3  # the SoC's NPU cores
     target: str | None = None  # the rknn-toolkit2 platform its graphs must be built for
+    rkllm_reason: str | None = None  # why RKLLM cannot run here (None: it can)
 
 
 def npu_status(cfg: Config, root: str = "/") -> NpuStatus:
     runtime = cfg.get("npu.runtime")
     if runtime == "reference":
-        return NpuStatus(True, "reference", "reference runtime (ONNX twin on onnxruntime)")
+        return NpuStatus(True, "reference", "reference runtimes (ONNX twins on onnxruntime, GGUF"
+                         " twins on the reference librkllmrt)")
     from npuserve.npu.detect import detect
 
     report = detect(root)
     prof = report.profile
     cores, target = (prof.cores, prof.target) if prof else (3, None)
+    rkllm = None if report.rkllm_usable else (
+        "; ".join(p for p, _ in report.rkllm_problems) or "librkllmrt is not usable")
     if report.usable:
-        return NpuStatus(True, "rknnlite", report.verdict(), cores, target)
+        return NpuStatus(True, "rknnlite", report.verdict(), cores, target, rkllm)
     reasons = "; ".join(p for p, _ in report.problems) or "no NPU"
-    return NpuStatus(False, "rknnlite", reasons, cores, target)
+    return NpuStatus(False, "rknnlite", reasons, cores, target, rkllm)
+
+
+def _built_for(path: Path) -> str | None:
+    """The SoC a model directory was built for (None: unknown or unreadable)."""
+    from npuserve.npu.model_dir import ManifestError, load_manifest
+    from npuserve.npu.rkllm_dir import RkllmDirError, is_rkllm_dir, load_rkllm_manifest
+
+    try:
+        if is_rkllm_dir(path):
+            return load_rkllm_manifest(path).target_platform
+        model = load_manifest(path)
+    except (ManifestError, RkllmDirError):
+        return None  # reported by doctor; loading fails over to the twin
+    # Manifests before target_platform was recorded were all built for the rk3588.
+    return model.target_platform or ("rk3588" if model.toolkit_version else None)
+
+
+def _npu_problem(path: Path, npu: NpuStatus) -> str | None:
+    """Why a model directory cannot run on this board's NPU, though the NPU is usable:
+    built for another SoC, or an RKLLM model where RKLLM cannot run."""
+    from npuserve.npu.rkllm_dir import RkllmDirError, is_rkllm_dir, load_rkllm_manifest
+
+    if is_rkllm_dir(path) and npu.runtime != "reference":
+        if npu.rkllm_reason:
+            return f"RKLLM cannot run here: {npu.rkllm_reason}"
+        try:
+            if not load_rkllm_manifest(path).rkllm:
+                return "no .rkllm file in its directory (the reference runtime's only)"
+        except RkllmDirError:
+            return None  # reported by doctor; loading fails over to the twin
+    return _target_problem(path, npu.target)
 
 
 def _target_problem(path: Path, target: str | None) -> str | None:
     """Why a model directory's graphs cannot run on this SoC (built for another one)."""
-    from npuserve.npu.model_dir import ManifestError, load_manifest
-
     if target is None:
         return None
-    try:
-        model = load_manifest(path)
-    except ManifestError:
-        return None  # reported by doctor; loading fails over to the twin
-    # Manifests before target_platform was recorded were all built for the rk3588.
-    built_for = model.target_platform or ("rk3588" if model.toolkit_version else None)
+    built_for = _built_for(path)
     if built_for and built_for != target:
         return (f"its graphs were built for the {built_for}, this board is an {target}"
                 f" (npuserve convert --target {target})")
@@ -89,6 +117,7 @@ def npu_model_problems(cfg: Config, report: NpuReport) -> list[tuple[str, str]]:
     read, for `npuserve doctor`."""
     from npuserve.npu.detect import model_version_problem
     from npuserve.npu.model_dir import ManifestError, load_manifest
+    from npuserve.npu.rkllm_dir import is_rkllm_dir
 
     problems: list[tuple[str, str]] = []
     for task in TASKS:
@@ -97,6 +126,9 @@ def npu_model_problems(cfg: Config, report: NpuReport) -> list[tuple[str, str]]:
             continue
         path = _absolute(cfg, mc.path)
         if not is_npu_model(path):
+            continue
+        if is_rkllm_dir(path):
+            problems += _rkllm_problems(task, path, report)
             continue
         try:
             model = load_manifest(path)
@@ -108,12 +140,38 @@ def npu_model_problems(cfg: Config, report: NpuReport) -> list[tuple[str, str]]:
                                         model.toolkit_version, report.runtime_version)
         if problem:
             problems.append(problem)
-        target = report.profile.target if report.profile else None
-        wrong = _target_problem(path, target)
-        if wrong:
-            problems.append((f"models.{task} ({model.name}): {wrong}; it runs on the CPU",
-                             f"convert it again with --target {target}"))
+        problems += _wrong_target(task, model.name, path, report,
+                                  "convert it again with --target {target}")
     return problems
+
+
+def _wrong_target(task: str, name: str, path: Path, report: NpuReport, fix: str
+                  ) -> list[tuple[str, str]]:
+    """A model directory built for another SoC than the board's, for doctor (`fix` may
+    name the board's {target})."""
+    target = report.profile.target if report.profile else None
+    wrong = _target_problem(path, target)
+    return ([(f"models.{task} ({name}): {wrong}; it runs on the CPU",
+              fix.format(target=target))] if wrong else [])
+
+
+def _rkllm_problems(task: str, path: Path, report: NpuReport) -> list[tuple[str, str]]:
+    """What keeps a configured RKLLM directory off this board's NPU, for doctor."""
+    from npuserve.npu.rkllm_dir import RkllmDirError, load_rkllm_manifest
+
+    try:
+        model = load_rkllm_manifest(path)
+    except RkllmDirError as exc:
+        return [(f"models.{task}: {exc}", "make it again (npuserve convert --runtime"
+                 " rkllm) or fix its manifest.json")]
+    problems = [(f"models.{task} ({model.name}): {p}; it runs on the CPU", fix)
+                for p, fix in report.rkllm_problems]
+    if not model.rkllm:
+        problems.append((f"models.{task} ({model.name}): no .rkllm file in the directory;"
+                         " it runs on the CPU", "convert the model with Rockchip's"
+                         " rkllm-toolkit, then npuserve convert --runtime rkllm --rkllm FILE"))
+    return problems + _wrong_target(task, model.name, path, report,
+                                    "convert it with rkllm-toolkit for the {target}")
 
 
 def _absolute(cfg: Config, path: str) -> Path:
@@ -216,7 +274,7 @@ def plan_models(cfg: Config, root: str = "/") -> tuple[dict[str, ModelPlan], dic
         twin = _add(plans, task, "cpu", twin_path, twin_name, mc,
                     _task_options(task, mc, twin_defaults), "CPU twin of an NPU model")
         npu = npu or npu_status(cfg, root)
-        wrong_target = _target_problem(path, npu.target) if npu.available else None
+        wrong_target = _npu_problem(path, npu) if npu.available else None
         if mc.device == "cpu" or not npu.available or wrong_target:
             why = ("configured" if mc.device == "cpu" else f"no usable NPU: {npu.reason}"
                    if not npu.available else f"not on the NPU: {wrong_target}")
@@ -225,7 +283,8 @@ def plan_models(cfg: Config, root: str = "/") -> tuple[dict[str, ModelPlan], dic
             continue
         # One context per core the SoC has, unless the config asks for fewer.
         cores = int(cfg.get("npu.cores")) or npu.cores
-        options |= {"npu_runtime": npu.runtime, "npu_cores": min(cores, npu.cores)}
+        options |= {"npu_runtime": npu.runtime, "npu_cores": min(cores, npu.cores),
+                    "rkllm_library": cfg.get("npu.rkllm_library")}
         plan = _add(plans, task, "npu", path, name, mc, options, npu.reason)
         plan.twin = twin.spec.model_id
         task_model[task] = plan.spec.model_id

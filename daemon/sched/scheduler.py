@@ -394,7 +394,10 @@ class Scheduler:
                      if name in (m.plan.name, m.model_id)), None)
 
     def model_name(self, task: str) -> str:
-        return self.plans[self.task_model[task]].name
+        # Generation is the expansion model's, also where its backend cannot generate.
+        model = self.task_model.get(task) or self.task_model["expand" if task == "generate"
+                                                            else task]
+        return self.plans[model].name
 
     # --- what others may see ------------------------------------------------------------
 

@@ -38,3 +38,8 @@ def reset() -> None:
 def check() -> None:
     if _requested:
         raise Cancelled("every client of this call went away")
+
+
+def requested() -> bool:
+    """Whether the call should stop: for code that may not raise (a C callback)."""
+    return _requested
