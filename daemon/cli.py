@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--sha256", default=None, help="expected sha256 (default: the hub's)")
     _common(pull)
 
-    index = sub.add_parser("index", help="fill a running daemon's document index")
+    index = sub.add_parser("index", help="fill a running daemon's document index, or move it")
     isub = index.add_subparsers(dest="index_command", required=True)
     add = isub.add_parser("add", help="send a directory's files to the index")
     add.add_argument("dir", help="directory to index")
@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--url", default=None, help="daemon URL (default http://127.0.0.1:PORT)")
     add.add_argument("--api-key", default=None, help="Bearer key (default server.api_key)")
     _common(add)
+    mig = isub.add_parser("migrate", help="copy the SQLite index into PostgreSQL (no"
+                                          " re-embedding)")
+    mig.add_argument("--to", choices=["postgres"], required=True)
+    mig.add_argument("--dsn", default=None, help="the target database (default index.dsn)")
+    mig.add_argument("--from", dest="source", default=None,
+                     help="the SQLite index (default STATE_DIR/index.sqlite)")
+    _common(mig)
 
     conv = sub.add_parser("convert", help="make an NPU model directory (embedding or rerank)")
     conv.add_argument("--task", choices=["embed", "rerank", "expand"], default="embed",
@@ -233,6 +240,26 @@ def cmd_doctor(cfg: Config, root: str = "/") -> int:
     return 0 if ok else 1
 
 
+def cmd_index_migrate(cfg: Config, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from npuserve.daemon.index.migrate import MigrateError, migrate_to_postgres
+
+    dsn = args.dsn or cfg.index.dsn
+    if not dsn:
+        print("npuserve index migrate: give --dsn or set index.dsn", file=sys.stderr)
+        return 2
+    source = Path(args.source) if args.source else cfg.state_dir / "index.sqlite"
+    try:
+        counts = migrate_to_postgres(source, dsn)
+    except (MigrateError, OSError) as exc:
+        print(f"npuserve index migrate: {exc}", file=sys.stderr)
+        return 1
+    print(", ".join(f"{k}: {v}" for k, v in counts.items()))
+    print("now set index.backend = \"postgres\" and index.dsn on every board")
+    return 0
+
+
 def cmd_index_add(cfg: Config, args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -359,12 +386,26 @@ def cmd_discover(timeout: float) -> int:
     if not daemons:
         print("no npuserve daemon answered on the LAN")
         return 1
-    print(f"{'NAME':32} {'URL':28} {'EMBED':20} {'DEVICES':30} AUTH TIMEOUT")
+    print(f"{'NAME':28} {'URL':26} {'EMBED':18} {'DEVICES':28} AUTH TIMEOUT LOAD")
     for d in daemons:
         t = d.txt
-        print(f"{d.name[:32]:32} {d.url:28} {t.get('embed', '?')[:20]:20}"
-              f" {t.get('dev', '?')[:30]:30} {t.get('auth', '?'):4} {t.get('timeout', '?')}")
+        print(f"{d.name[:28]:28} {d.url:26} {t.get('embed', '?')[:18]:18}"
+              f" {t.get('dev', '?')[:28]:28} {t.get('auth', '?'):4} {t.get('timeout', '?'):7}"
+              f" {_load_of(d)}")
     return 0
+
+
+def _load_of(daemon: Any) -> str:
+    """A daemon's load now (its /health), or what its TXT record advertised."""
+    import json as _json
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(daemon.url + "/health", timeout=1.0) as resp:
+            load = _json.load(resp).get("load", {})
+        return f"{load.get('queued', '?')} queued, {load.get('wait_seconds', 0):.1f} s wait"
+    except (OSError, ValueError):
+        return f"~{daemon.txt.get('wait', '?')} s wait (advertised)"
 
 
 def cmd_client(args: argparse.Namespace) -> int:
@@ -433,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "doctor":
         return cmd_doctor(cfg)
     if args.command == "index":
+        if args.index_command == "migrate":
+            return cmd_index_migrate(cfg, args)
         return cmd_index_add(cfg, args)
     if args.command == "convert":
         return cmd_convert(cfg, args)

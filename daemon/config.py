@@ -187,6 +187,15 @@ _NPU: dict[str, Key] = {
 }
 _INDEX: dict[str, Key] = {
     "enabled": Key(bool, True, "keep a document index (SQLite FTS5 + sqlite-vec)"),
+    "backend": Key(str, "sqlite", "where the index lives: sqlite (a file in the state"
+                   " directory) or postgres (PostgreSQL + pgvector at index.dsn: several"
+                   " boards share one corpus)", ("sqlite", "postgres")),
+    "dsn": Key(str, "", "with backend = postgres: the libpq connection string (e.g."
+               " \"host=db.lan dbname=npuserve user=npuserve password=...\")"),
+    "claim_seconds": Key(
+        float, 120.0, "with backend = postgres: how long a daemon's claim on a batch of the"
+        " shared embedding backlog lasts; a daemon that dies leaves its batch to the others"
+        " after this", minimum=1.0),
     "chunk_tokens": Key(
         int, 0, "chunk size in embedding-model tokens (0: 900, or the model's context"
         " if smaller)", minimum=0),
@@ -381,12 +390,16 @@ class IndexSettings:
     embed_batch: int
     result_body_chars: int = 4000
     rerank_seconds: float = 6.0
+    backend: str = "sqlite"
+    dsn: str = ""
+    claim_seconds: float = 120.0
 
     @classmethod
     def from_values(cls, v: Mapping[str, Any]) -> IndexSettings:
         return cls(v["index.enabled"], v["index.chunk_tokens"], v["index.chunk_overlap"],
                    v["index.embed_batch"], v["index.result_body_chars"],
-                   v["index.rerank_seconds"])
+                   v["index.rerank_seconds"], v["index.backend"], v["index.dsn"],
+                   v["index.claim_seconds"])
 
 
 def default_state_dir(env: Mapping[str, str]) -> Path:

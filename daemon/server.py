@@ -44,6 +44,9 @@ def txt_properties(cfg: Config, scheduler: Scheduler) -> dict[str, str]:
         "auth": "1" if cfg.server.api_key else "0",
         "timeout": str(int(snap.recommended_timeout + 0.999)),
         "index": "1" if cfg.index.enabled else "0",
+        # Seconds of queued work, whole: coarse, so the record changes only when the load
+        # does (clients read the exact figure from each answer's X-Npuserve-Wait).
+        "wait": str(int(scheduler.load()[1])),
         **({"efp": scheduler.known_fingerprint} if scheduler.known_fingerprint else {}),
     }
 

@@ -56,12 +56,19 @@ def state_dir(tmp_path: Path, models_dir: Path) -> Path:
 
 
 @pytest.fixture
-def make_config(state_dir: Path) -> Callable[..., Config]:
+def index_overrides() -> dict[str, str]:
+    """The index backend's settings: SQLite's defaults here; tests/pg_support.py's fixture
+    of the same name runs a module on PostgreSQL too."""
+    return {}
+
+
+@pytest.fixture
+def make_config(state_dir: Path, index_overrides: dict[str, str]) -> Callable[..., Config]:
     def make(**overrides: Any) -> Config:
         # The tests were written against one model at a time (swaps, a busy device);
         # those of the auto policy set it themselves.
         values = {"state_dir": str(state_dir), "scheduler.keep_alive": "-1",
-                  "scheduler.policy": "sequential"}
+                  "scheduler.policy": "sequential", **index_overrides}
         values.update({k.replace("__", "."): v for k, v in overrides.items()})
         return load_config(path=None, env={}, overrides=values)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from npuserve.daemon.http.services import SERVICES
+from tests.pg_support import both_index_backends, pg_server  # noqa: F401 - both backends
 
 MAN = Path("/usr/share/man/man1")
 PAGES = ["ls", "cp", "mv", "chmod", "chown", "mkdir", "rm", "cat", "sort", "gzip", "tar",

@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 from .conftest import http_json, start_daemon, wait_http
+from .pg_support import both_index_backends, pg_server  # noqa: F401 - both backends
 
 
 def call(base: str, method: str, path: str, body: object | None = None) -> tuple[int, dict]:
@@ -22,8 +23,10 @@ def body_for(i: int) -> str:
     return f"# Note {i}\n\n" + f"Paragraph {i} about durable writes and WAL mode. " * 40
 
 
-def test_sigkill_mid_ingest_loses_no_acknowledged_document(state_dir: Path):
-    proc, port = start_daemon(state_dir)
+def test_sigkill_mid_ingest_loses_no_acknowledged_document(state_dir: Path,
+                                                           index_overrides: dict[str, str]):
+    backend = [a for k, v in index_overrides.items() for a in ("--set", f"{k}={v}")]
+    proc, port = start_daemon(state_dir, *backend)
     base = f"http://127.0.0.1:{port}"
     wait_http(base + "/health")
     assert call(base, "POST", "/collections", {"name": "notes"})[0] == 201
@@ -54,7 +57,7 @@ def test_sigkill_mid_ingest_loses_no_acknowledged_document(state_dir: Path):
     t.join(30)
     assert len(acknowledged) >= 25
 
-    proc2, port2 = start_daemon(state_dir)
+    proc2, port2 = start_daemon(state_dir, *backend)
     base2 = f"http://127.0.0.1:{port2}"
     try:
         wait_http(base2 + "/health")

@@ -164,6 +164,7 @@ def _open_index(app: web.Application, cfg: Config, scheduler: Scheduler) -> None
 
 
 def build_app(cfg: Config, scheduler: Scheduler) -> web.Application:
+    from npuserve.daemon.client import WAIT_HEADER
     from npuserve.daemon.http import (
         embed_shapes,
         rerank_shapes,
@@ -210,6 +211,12 @@ def build_app(cfg: Config, scheduler: Scheduler) -> web.Application:
             await index.close()
         await scheduler.stop(server.shutdown_timeout)
 
+    async def advertise_wait(request: web.Request, response: web.StreamResponse) -> None:
+        # Every answer says how much work waits here: a client spreading calls over
+        # several daemons (daemon/client.py) weighs them by it.
+        response.headers[WAIT_HEADER] = f"{scheduler.load()[1]:.2f}"
+
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
+    app.on_response_prepare.append(advertise_wait)
     return app

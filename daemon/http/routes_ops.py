@@ -59,6 +59,7 @@ async def health(request: web.Request) -> web.Response:
         # What made /embed's vectors (models/fingerprint.py): a client that built an index
         # with other vectors must not mix these in.
         "fingerprints": {"embed": await svc.scheduler.embedding_fingerprint()},
+        "load": dict(zip(("queued", "wait_seconds"), svc.scheduler.load(), strict=True)),
     }
     if svc.index is not None and svc.index.write_error:
         # Models still serve and searches still answer: reported, but not "not ok".

@@ -39,20 +39,25 @@ class Embedder:
         self.batch = batch
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        self.watcher: asyncio.Task[None] | None = None
         self.failures = 0
         self.embedded = 0
         self.last_error: str | None = None
 
     def start(self) -> None:
         self.task = asyncio.create_task(self.run(), name="embedder")
+        # On a database other daemons share, their ingests wake this embedder too.
+        self.watcher = asyncio.create_task(self.store.watch_backlog(self.poke),
+                                           name="embedder-backlog")
 
     async def stop(self) -> None:
-        if self.task:
-            self.task.cancel()
-            try:
-                await self.task
-            except asyncio.CancelledError:
-                pass
+        for task in (self.task, self.watcher):
+            if task:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
 
     def poke(self) -> None:
         self.wake.set()
@@ -82,6 +87,8 @@ class Embedder:
             return False
         texts = [document_text(p[2], p[3]) for p in pending]
         keep = self.scheduler.texts_within("embed", texts, BACKGROUND_CALL_SECONDS)
+        if keep < len(pending):
+            await self.store.release_chunks([p[0] for p in pending[keep:]])
         pending, texts = pending[:keep], texts[:keep]
         ids = [p[0] for p in pending]
         try:

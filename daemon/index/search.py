@@ -29,16 +29,23 @@ _STOPWORDS = frozenset(
     " when where which who why with you your".split())
 
 
+def terms_all(text: str) -> list[str]:
+    """Every word of `text`, as FTS5's unicode61 tokenizer splits it (roughly)."""
+    return _TERM.findall(text.lower())
+
+
+def terms(text: str) -> list[str]:
+    """The words of a search (at most 32): stop words dropped unless nothing else is left
+    (in an OR query they would rank every document)."""
+    words = [t for t in _TERM.findall(text.lower()) if t]
+    content = [t for t in words if t not in _STOPWORDS]
+    return (content or words)[:32]
+
+
 def fts_query(text: str, any_term: bool = False) -> str | None:
-    """User text as a safe FTS5 query: quoted terms, so no syntax can be injected.
-    Stop words are dropped (unless nothing else is left): in an OR query they
-    would rank every document."""
-    terms = [t for t in _TERM.findall(text.lower()) if t]
-    content = [t for t in terms if t not in _STOPWORDS]
-    terms = content or terms
-    if not terms:
-        return None
-    return (" OR " if any_term else " ").join(f'"{t}"' for t in terms[:32])
+    """User text as a safe FTS5 query: quoted terms, so no syntax can be injected."""
+    words = terms(text)
+    return (" OR " if any_term else " ").join(f'"{t}"' for t in words) if words else None
 
 
 def _collection_clause(collection: str | None, alias: str = "d") -> tuple[str, tuple[Any, ...]]:

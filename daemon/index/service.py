@@ -47,7 +47,16 @@ class IndexService:
 
     @classmethod
     def open(cls, path: Path, scheduler: Scheduler, settings: IndexSettings) -> IndexService:
-        service = cls(SqliteStorage(path), scheduler, settings)
+        """The index in `path` (SQLite), or on the PostgreSQL server at settings.dsn."""
+        if settings.backend == "postgres":
+            from npuserve.daemon.index.pg_storage import PostgresStorage
+
+            if not settings.dsn:
+                raise ValueError("index.backend = postgres needs index.dsn")
+            store: IndexStorage = PostgresStorage(settings.dsn, settings.claim_seconds)
+        else:
+            store = SqliteStorage(path)
+        service = cls(store, scheduler, settings)
         if service.store.readonly:
             service.write_error = "the index is read-only now; nothing can be stored"
         return service

@@ -80,6 +80,16 @@ class IndexStorage(abc.ABC):
     @abc.abstractmethod
     async def embedding_failed(self, ids: list[int], error: str, backoff: float) -> None: ...
 
+    async def watch_backlog(self, wake: Callable[[], None]) -> None:
+        """Call `wake` whenever another daemon adds to a shared backlog; runs until
+        cancelled. Only a shared database has other daemons: by default, nothing."""
+        return None
+
+    @abc.abstractmethod
+    async def release_chunks(self, ids: list[int]) -> None:
+        """Give back chunks `pending_chunks` handed out that this daemon will not embed now
+        (a shared backlog lets another daemon take them at once)."""
+
     @abc.abstractmethod
     async def vector_model(self) -> tuple[str | None, int | None, str | None]:
         """(model, dimension, fingerprint) of the stored vectors; Nones before the first."""
@@ -167,6 +177,9 @@ class SqliteStorage(IndexStorage):
 
     async def embedding_failed(self, ids: list[int], error: str, backoff: float) -> None:
         await self._run(self.store.embedding_failed, ids, error, backoff)
+
+    async def release_chunks(self, ids: list[int]) -> None:
+        return None  # one daemon per SQLite file: nothing is claimed
 
     async def vector_model(self) -> tuple[str | None, int | None, str | None]:
         return await self._run(self.store.vector_model)

@@ -401,6 +401,16 @@ class Scheduler:
 
     # --- what others may see ------------------------------------------------------------
 
+    def load(self) -> tuple[int, float]:
+        """(items queued, seconds of interactive work queued on the busiest device): what a
+        client spreading calls over several daemons weighs them by."""
+        queued, wait = 0, 0.0
+        for lane in self.lanes.values():
+            queued += sum(m.queued_items() for m in lane.models.values())
+            wait = max(wait, sum(m.queued_seconds(interactive_only=True) or 0.0
+                                 for m in lane.models.values() if m.queue))
+        return queued, wait
+
     def recommended_timeout(self) -> float:
         """What a client should wait: the worst cold start plus a full queue of work."""
         settings = self.ctx.settings
