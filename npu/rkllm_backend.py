@@ -164,7 +164,9 @@ class RkllmBackend(Backend):
     # --- tokens ---------------------------------------------------------
 
     def count_tokens(self, text: str) -> int:
-        return len(self._tokens().tokenize(text, add_special=False))
+        # As the CPU backends count: an embedder's specials (Qwen3-Embedding's EOS) included.
+        embed = self._manifest().task == "embed"
+        return len(self._tokens().tokenize(text, add_special=embed))
 
     def token_ids(self, text: str, add_special: bool = True) -> list[int]:
         return list(self._tokens().tokenize(text, add_special=add_special, parse_special=True))

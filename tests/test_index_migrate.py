@@ -13,7 +13,6 @@ import pytest
 
 from .pg_support import fresh_database, pg_server  # noqa: F401 - the fixture
 
-pytestmark = pytest.mark.slow
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from stdlib_corpus import QUESTIONS, documents  # noqa: E402
 
@@ -36,6 +35,7 @@ def _top(body: dict, n: int) -> list[str]:
     return [r["displayPath"] for r in body["results"][:n]]
 
 
+@pytest.mark.slow  # the corpus is embedded first (~1 min)
 async def test_migrated_index_answers_as_the_sqlite_one(make_client, state_dir, pg_server):  # noqa: F811
     settings = {"models__expand__seed": "42", "index__rerank_seconds": "2"}
     lite = await make_client(**settings)
@@ -67,3 +67,26 @@ async def test_migrated_index_answers_as_the_sqlite_one(make_client, state_dir, 
     # Ingesting again into the migrated index: the ids' sequences moved past the copies.
     resp = await pg.put("/collections/stdlib/documents/new.txt", json={"body": "fresh text"})
     assert resp.status in (200, 201)
+
+
+def _migrate(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "npuserve.daemon.cli", "index", "migrate",
+                           "--to", "postgres", "--state-dir", str(state_dir), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+async def test_migrate_refuses_without_a_target_or_into_a_used_database(make_client, state_dir,
+                                                                        pg_server):  # noqa: F811
+    no_dsn = _migrate(state_dir)
+    assert no_dsn.returncode == 2 and "give --dsn or set index.dsn" in no_dsn.stderr
+    no_index = _migrate(state_dir, "--dsn", fresh_database(pg_server), "--from",
+                        str(state_dir / "nothing.sqlite"))
+    assert no_index.returncode == 1 and "no SQLite index" in no_index.stderr
+    lite = await make_client()
+    assert (await lite.post("/collections", json={"name": "n"})).status == 201
+    assert (await lite.put("/collections/n/documents/a.md", json={"body": "words"})).status \
+        in (200, 201)
+    dsn = fresh_database(pg_server)
+    assert _migrate(state_dir, "--dsn", dsn).returncode == 0
+    again = _migrate(state_dir, "--dsn", dsn)  # the target holds documents now
+    assert again.returncode == 1 and "already holds 1 documents" in again.stderr

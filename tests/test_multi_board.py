@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import http_json, start_daemon, wait_http
+from .conftest import http_json, rerank_gguf, start_daemon, wait_http
+from .gguf_builders import LAST_POOLING, tiny_qwen3
 from .pg_support import fresh_database, pg_server  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.slow
@@ -26,14 +27,15 @@ def note(i: int) -> str:
     return f"# Note {i}\n\n" + "\n\n".join(paras)
 
 
-def board(tmp_path: Path, models_dir: Path, name: str, dsn: str) -> tuple[object, str]:
+def board(tmp_path: Path, models_dir: Path, name: str, dsn: str, *extra: str
+          ) -> tuple[object, str]:
     state = tmp_path / name
     state.mkdir()
     (state / "models").symlink_to(models_dir, target_is_directory=True)
     proc, port = start_daemon(state, "--set", "index.backend=postgres", "--set",
                               f"index.dsn={dsn}", "--set", "index.claim_seconds=5", "--set",
                               "index.chunk_tokens=32", "--set", "index.embed_batch=16",
-                              log=tmp_path / f"{name}.log")
+                              *extra, log=tmp_path / f"{name}.log")
     base = f"http://127.0.0.1:{port}"
     wait_http(base + "/health", timeout=60)
     return proc, base
@@ -56,6 +58,7 @@ def test_two_daemons_share_the_corpus_and_the_embedding_backlog(tmp_path, models
     dsn = fresh_database(pg_server)
     proc_a, a = board(tmp_path, models_dir, "a", dsn)
     proc_b, b = board(tmp_path, models_dir, "b", dsn)
+    procs = [proc_a, proc_b]
     try:
         assert http_json(a + "/collections", {"name": "notes"})[0] == 201
         for start in range(0, 110, 10):  # 110 notes x ~20 chunks: a backlog of > 2,000
@@ -95,8 +98,23 @@ def test_two_daemons_share_the_corpus_and_the_embedding_backlog(tmp_path, models
         # Vector search through A finds what B embedded.
         hits = http_json(a + "/vsearch", {"query": "npu runtime driver kernel"}, timeout=60)[1]
         assert hits["results"]
+        # A board with another embedding model refuses to embed into this index, says why,
+        # and leaves what it ingests to the boards of the index's model.
+        other = tiny_qwen3(rerank_gguf(models_dir), tmp_path / "other-embedder.gguf",
+                           pooling=LAST_POOLING)
+        proc_c, c = board(tmp_path, models_dir, "c", dsn, "--set",
+                          f"models.embed.path={other}")
+        procs.append(proc_c)
+        assert http_json(c + "/collections/notes/documents/late.md",
+                         {"body": note(999)}, method="PUT", timeout=60)[0] in (200, 201)
+        while time.monotonic() < deadline and status(a)["needsEmbedding"]:
+            time.sleep(0.5)
+        assert status(a)["needsEmbedding"] == 0 and pending_without_vectors(dsn) == 0
+        refusal = status(c)["embedder"]
+        assert refusal["embedded"] == 0
+        assert "does not embed into it" in refusal["last_error"], refusal
     finally:
-        for proc in (proc_a, proc_b):
+        for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(60)

@@ -59,6 +59,17 @@ class Embedder:
                 except asyncio.CancelledError:
                     pass
 
+    async def _other_model(self) -> str | None:
+        """Why this daemon must not embed into the index: its vectors are another
+        model's (on a database several boards share, theirs)."""
+        model, dim, stored = await self.store.vector_model()
+        mine = await self.scheduler.embedding_fingerprint()
+        if stored is None or stored == mine:
+            return None
+        return (f"the index holds vectors of {model} ({stored}, {dim}-d); this daemon embeds"
+                f" with another model ({mine}) and does not embed into it: configure the"
+                " same embedding model on every board that shares this index")
+
     def poke(self) -> None:
         self.wake.set()
 
@@ -82,6 +93,10 @@ class Embedder:
 
     async def step(self) -> bool:
         """Embed one batch of pending chunks; False when nothing was due."""
+        refusal = await self._other_model()
+        if refusal:  # claim nothing: the chunks stay for a daemon of the index's model
+            self.last_error = refusal
+            return False
         pending = await self.store.pending_chunks(self.batch)
         if not pending:
             return False
@@ -111,7 +126,8 @@ class Embedder:
         except VectorsMismatch as exc:  # nothing to retry soon: wait for the operator
             self.last_error = str(exc)
             log.warning("embedding paused: %s", exc)
-            await self.store.embedding_failed(ids, self.last_error, 600.0)
+            # Given back, not failed: on a shared database another daemon embeds them.
+            await self.store.release_chunks(ids)
             return False
         except Exception as exc:  # anything else: the chunks stay pending
             log.exception("storing vectors failed")
