@@ -67,8 +67,8 @@ class Embedder:
         if stored is None or stored == mine:
             return None
         return (f"the index holds vectors of {model} ({stored}, {dim}-d); this daemon embeds"
-                f" with another model ({mine}) and does not embed into it: configure the"
-                " same embedding model on every board that shares this index")
+                f" with another model ({mine}) and does not embed into it: re-embed the index,"
+                " or configure that model (on every board that shares the index)")
 
     def poke(self) -> None:
         self.wake.set()
