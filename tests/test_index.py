@@ -241,3 +241,23 @@ async def test_index_disabled_answers_503(make_client):
     client = await make_client(index__enabled="false")
     resp = await client.get("/search", params={"q": "x"})
     assert resp.status == 503 and (await resp.json())["error"] == "No index database loaded"
+
+
+async def test_a_document_larger_than_the_full_text_limit_is_stored_and_found(client):
+    """1.8 MB of distinct words: over PostgreSQL's 1 MB tsvector limit if it were indexed
+    whole (its full-text column reads the first 400,000 characters); stored whole, found."""
+    import random
+    import string
+
+    rnd = random.Random(7)
+    words = ["".join(rnd.choices(string.ascii_lowercase, k=rnd.randint(4, 12)))
+             for _ in range(200_000)]
+    body = "# Huge\n\nzyzzyva " + " ".join(words)
+    assert len(body) > 1_700_000
+    assert (await client.post("/collections", json={"name": "big"})).status == 201
+    resp = await client.put("/collections/big/documents/huge.md", json={"body": body})
+    assert resp.status in (200, 201), await resp.text()
+    found = await (await client.get("/search", params={"q": "zyzzyva"})).json()
+    assert _paths(found) == ["big/huge.md"]
+    doc = await (await client.get("/collections/big/documents/huge.md")).json()
+    assert len(doc["body"]) == len(body)
