@@ -25,7 +25,6 @@ from npuserve.daemon.models.backend_api import (
 )
 from npuserve.daemon.models.qmd_conventions import (
     MIN_DOC_TOKENS,
-    expansion_grammar,
     expansion_prompt,
     p_yes,
     parse_expansion,
@@ -41,10 +40,12 @@ from .llama_sampling import (
     allows,
     chat_tokens,
     constrained_pick,
-    expansion_chain,
+    expansion_budget,
+    expansion_sampler,
     free_sampler,
     grammar_sampler,
     keep,
+    next_seed,
     piece,
 )
 from .llama_session import LlamaModel, LlamaSession
@@ -280,10 +281,7 @@ class LlamaGenerativeBackend(ChatGeneration, LlamaSession, Backend):
                 for r, (raw, tokens) in zip(requests, raws, strict=True)]
 
     def _max_new_tokens(self) -> int:
-        opt = self.spec.option
-        # The grammar caps the text: a token is at least one character.
-        cap = int(opt("max_lines", 6)) * (int(opt("max_line_chars", 160)) + 8)
-        return max(1, min(int(opt("max_tokens", 600)), cap))
+        return expansion_budget(self.spec.option)
 
     def _generate(self, group: list[int], prompts: list[list[int]], max_new: int,
                   raws: list[tuple[str, int]]) -> None:
@@ -339,12 +337,7 @@ class LlamaGenerativeBackend(ChatGeneration, LlamaSession, Backend):
         """QMD's sampling (temperature, top-k, top-p, presence penalty) under the bounded
         expansion grammar; greedy at temperature 0."""
         assert self.model is not None
-        opt = self.spec.option
-        grammar_text = expansion_grammar(int(opt("max_lines", 6)),
-                                         int(opt("max_line_chars", 160)))
-        seed = self._next_seed()
-        return self._grammar_sampler(grammar_text, expansion_chain(self.model, opt, seed),
-                                     expansion_chain(self.model, opt, seed))
+        return expansion_sampler(self.model, self.spec.option, self._next_seed())
 
     def _grammar_sampler(self, grammar_text: str, free: Any, pick: Any) -> Sampler:
         assert self.model is not None
@@ -372,9 +365,7 @@ class LlamaGenerativeBackend(ChatGeneration, LlamaSession, Backend):
         return tok
 
     def _next_seed(self) -> int:
-        if self._seed == 0xFFFFFFFF:  # -1: a fresh random seed each time
-            return 0xFFFFFFFF
-        self._seed = (self._seed + 1) & 0x7FFFFFFF  # fixed seed: reproducible, distinct
+        self._seed = next_seed(self._seed)
         return self._seed
 
     def _piece(self, tok: int) -> bytes:

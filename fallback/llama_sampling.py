@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from npuserve.daemon.models.backend_api import BackendError
+from npuserve.daemon.models.qmd_conventions import expansion_grammar
 
 from .llama_session import LlamaModel
 
@@ -60,6 +61,26 @@ def expansion_chain(model: LlamaModel, opt: Any, seed: int) -> Any:
     for part in parts:
         llama.llama_sampler_chain_add(chain, part)
     return chain
+
+
+def expansion_budget(opt: Any) -> int:
+    """Tokens an expansion may generate: max_tokens, within what the bounded grammar can
+    produce at all (a token is at least one character)."""
+    cap = int(opt("max_lines", 6)) * (int(opt("max_line_chars", 160)) + 8)
+    return max(1, min(int(opt("max_tokens", 600)), cap))
+
+
+def next_seed(seed: int) -> int:
+    """The seed after `seed`: a fixed seed moves on (reproducible, distinct per call);
+    0xFFFFFFFF (-1) stays, a fresh random seed each time."""
+    return seed if seed == 0xFFFFFFFF else (seed + 1) & 0x7FFFFFFF
+
+
+def expansion_sampler(model: LlamaModel, opt: Any, seed: int) -> Sampler:
+    """QMD's sampling under the bounded lex/vec/hyde grammar."""
+    grammar = expansion_grammar(int(opt("max_lines", 6)), int(opt("max_line_chars", 160)))
+    return grammar_sampler(model, grammar, expansion_chain(model, opt, seed),
+                           expansion_chain(model, opt, seed))
 
 
 def grammar_sampler(model: LlamaModel, grammar_text: str, free: Any, pick: Any) -> Sampler:

@@ -42,7 +42,6 @@ from npuserve.daemon.models.backend_api import (
 )
 from npuserve.daemon.models.qmd_conventions import (
     MIN_DOC_TOKENS,
-    expansion_grammar,
     expansion_prompt,
     is_expansion_request,
     p_yes,
@@ -229,16 +228,12 @@ class RkllmBackend(Backend):
             raise BackendError(f"{self._manifest().name} is an RKLLM embedding model")
         vocab = self._tokens()
         prompt = sampling.chat_tokens(vocab, expansion_prompt(query, intent))
-        opt = self.spec.option
-        cap = int(opt("max_lines", 6)) * (int(opt("max_line_chars", 160)) + 8)
-        max_new = max(1, min(int(opt("max_tokens", 600)), cap))
+        max_new = sampling.expansion_budget(self.spec.option)
         if len(prompt) + max_new > self.n_ctx:
             raise ValueError(f"the expansion prompt ({len(prompt)} tokens) and max_tokens"
                              f" ({max_new}) exceed the model's context ({self.n_ctx})")
-        grammar = expansion_grammar(int(opt("max_lines", 6)), int(opt("max_line_chars", 160)))
-        seed = self._next_seed()
-        smp = sampling.grammar_sampler(vocab, grammar, sampling.expansion_chain(vocab, opt, seed),
-                                       sampling.expansion_chain(vocab, opt, seed))
+        self._seed = sampling.next_seed(self._seed)
+        smp = sampling.expansion_sampler(vocab, self.spec.option, self._seed)
         try:
             text = _Generation(self._runtime(), vocab, smp, prompt, max_new,
                                self._sampling()).run()
@@ -294,12 +289,6 @@ class RkllmBackend(Backend):
             top_p=float(opt("top_p", 0.8)), temperature=max(temperature, 1e-3),
             repeat_penalty=1.0, frequency_penalty=0.0,
             presence_penalty=float(opt("presence_penalty", 0.5)))
-
-    def _next_seed(self) -> int:
-        if self._seed == 0xFFFFFFFF:
-            return 0xFFFFFFFF
-        self._seed = (self._seed + 1) & 0x7FFFFFFF
-        return self._seed
 
 
 class _Generation:

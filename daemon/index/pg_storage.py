@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from npuserve.daemon.errors import IndexError_, StorageError
 from npuserve.daemon.index.db import VectorsMismatch
-from npuserve.daemon.index.search import Hit, terms, terms_all
+from npuserve.daemon.index.search import Hit, result_row, terms, terms_all
 from npuserve.daemon.index.storage import IndexStorage, Vector
 from npuserve.daemon.index.store import StoredDoc, check_collection_name, now_iso
 from npuserve.daemon.models.vector_rows import VectorRows
@@ -508,17 +508,7 @@ class PostgresStorage(IndexStorage):
             c, f"SELECT d.id, c.name, d.path, d.title, d.hash, d.modified_at, {body},"
             " length(d.body) FROM documents d JOIN collections c ON c.id=d.collection_id"
             " WHERE d.id = ANY(%s)", args))}
-        out = []
-        for h in hits:
-            r = rows.get(h.doc_id)
-            if r is None:
-                continue
-            out.append({"filepath": f"qmd://{r[1]}/{r[2]}", "displayPath": f"{r[1]}/{r[2]}",
-                        "title": r[3], "hash": r[4], "docid": r[4][:6], "collectionName": r[1],
-                        "modifiedAt": r[5], "bodyLength": r[7], "body": r[6],
-                        "bodyTruncated": len(r[6]) < r[7], "context": None,
-                        "score": round(float(h.score), 6), "source": source})
-        return out
+        return [result_row(rows[h.doc_id], h.score, source) for h in hits if h.doc_id in rows]
 
     async def chunk_texts(self, chunk_ids: list[int]) -> dict[int, str]:
         if not chunk_ids:

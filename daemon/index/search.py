@@ -118,27 +118,27 @@ def results(store: IndexStore, hits: list[Hit], source: str, body_chars: int = 0
            f" WHERE d.id IN ({marks})")
     args = ([body_chars] if body_chars else []) + ids
     rows = {r[0]: r for r in store.db.read(lambda c: c.execute(sql, args).fetchall())}
-    out = []
-    for h in hits:
-        r = rows.get(h.doc_id)
-        if r is None:
-            continue
-        out.append({
-            "filepath": f"qmd://{r[1]}/{r[2]}",
-            "displayPath": f"{r[1]}/{r[2]}",
-            "title": r[3],
-            "hash": r[4],
-            "docid": r[4][:6],
-            "collectionName": r[1],
-            "modifiedAt": r[5],
-            "bodyLength": r[7],
-            "body": r[6],
-            "bodyTruncated": len(r[6]) < r[7],
-            "context": None,
-            "score": round(float(h.score), 6),
-            "source": source,
-        })
-    return out
+    return [result_row(rows[h.doc_id], h.score, source) for h in hits if h.doc_id in rows]
+
+
+def result_row(r: Sequence[Any], score: float, source: str) -> dict[str, Any]:
+    """A QMD SearchResult from (doc id, collection, path, title, hash, modified, body as
+    cut, whole body length) - both index backends read these columns."""
+    return {
+        "filepath": f"qmd://{r[1]}/{r[2]}",
+        "displayPath": f"{r[1]}/{r[2]}",
+        "title": r[3],
+        "hash": r[4],
+        "docid": r[4][:6],
+        "collectionName": r[1],
+        "modifiedAt": r[5],
+        "bodyLength": r[7],
+        "body": r[6],
+        "bodyTruncated": len(r[6]) < r[7],
+        "context": None,
+        "score": round(float(score), 6),
+        "source": source,
+    }
 
 
 def chunk_texts(store: IndexStore, chunk_ids: list[int]) -> dict[int, str]:
