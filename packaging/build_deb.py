@@ -28,7 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 HERE = ROOT / "packaging"
 PREFIX = "/opt/npuserve"
-EXTRAS = "cpu,npu"
+# postgres: psycopg's binary wheel carries its own libpq, so index.backend = "postgres"
+# works on an installed board with no pip and no extra Debian package.
+EXTRAS = "cpu,npu,postgres"
 MAINTAINER = "npuserve developers <dev@npuserve.org>"
 # Keys the package sets in /etc/npuserve/config.toml; everything else stays commented.
 PACKAGED_SETTINGS = {"state_dir": "/var/lib/npuserve", "server.preload": "embed"}
@@ -36,8 +38,9 @@ DESCRIPTION = """\
 LAN model server for retrieval on RK3588-class boards
  npuserve loads embedding, reranking and query-expansion models once and serves
  every agent on the network: OpenAI /v1/embeddings, Cohere/Jina /v1/rerank,
- QMD's remote protocol and a document index (SQLite FTS5 + sqlite-vec) with
- BM25, vector and hybrid search. Models run on the RK3588 NPU through
+ QMD's remote protocol and a document index (SQLite FTS5 + sqlite-vec, or
+ PostgreSQL + pgvector shared by several boards) with BM25, vector and hybrid
+ search. Models run on the RK3588 NPU through
  rknn-toolkit-lite2 where available and on the CPU through llama.cpp otherwise.
  It advertises itself over mDNS.
  .

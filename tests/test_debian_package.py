@@ -16,10 +16,12 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import pytest
 
 from .conftest import free_port, http_json
+from .pg_support import fresh_database, pg_server  # noqa: F401 - the fixture
 
 ROOT = Path(__file__).resolve().parent.parent
 MIRROR = os.environ.get("NPUSERVE_TEST_DEBIAN_MIRROR", "http://deb.debian.org/debian")
@@ -129,7 +131,8 @@ def _stop(proc: subprocess.Popen) -> tuple[int, str]:
     return proc.returncode, out
 
 
-def test_install_serve_upgrade_purge(deb: Path, debian_root: Path, models_dir: Path):
+def test_install_serve_upgrade_purge(deb: Path, debian_root: Path, models_dir: Path,
+                                     pg_server):  # noqa: F811
     root = debian_root
     shutil.copy(deb, root / "tmp" / deb.name)
     chroot(root, "dpkg", "-i", f"/tmp/{deb.name}")
@@ -167,6 +170,7 @@ def test_install_serve_upgrade_purge(deb: Path, debian_root: Path, models_dir: P
         code, out = _stop(proc)
     assert code == 0, out
     assert (root / "var/lib/npuserve/index.sqlite").is_file()
+    _serve_on_postgres(root, pg_server)
 
     # Upgrade: the admin's config edit and the state survive a newer package, and the
     # upgraded daemon uses both (it listens where the edit says, finds the document).
@@ -193,6 +197,38 @@ def test_install_serve_upgrade_purge(deb: Path, debian_root: Path, models_dir: P
     assert not wants.exists()
     # --list exits 1 when no override is left at all.
     assert "npuserve" not in chroot(root, "dpkg-statoverride", "--list", check=False).stdout
+
+
+def _serve_on_postgres(root: Path, server: object) -> None:
+    """The package alone runs the shared index: its environment brings psycopg (with its
+    own libpq) and pgvector, so a board joins a PostgreSQL index with two config keys."""
+    uri = urlsplit(fresh_database(server))
+    sockets = Path(dict(parse_qsl(uri.query))["host"])
+    # The socket file alone is bound in: its directory (PGDATA) is closed to other users.
+    (sock,) = [p for p in sockets.glob(".s.PGSQL.*") if p.suffix != ".lock"]
+    mount = root / "run" / "pg" / sock.name
+    mount.parent.mkdir(parents=True, exist_ok=True)
+    mount.touch()
+    sh("mount", "--bind", sock, mount)
+    try:
+        dsn = urlunsplit(uri._replace(query="host=/run/pg"))
+        port = free_port()
+        proc = _serve(root, "--port", str(port), "--set", "index.backend=postgres",
+                      "--set", f"index.dsn={dsn}")
+        try:
+            assert _wait_health(proc, port)["ok"] is True
+            assert http_json(f"http://127.0.0.1:{port}/collections", {"name": "shared"})[0] == 201
+            status, _ = http_json(f"http://127.0.0.1:{port}/collections/shared/documents",
+                                  {"documents": [{"path": "b.md", "body": "one corpus, boards"}]})
+            assert status in (200, 201), status
+            status, hits = http_json(f"http://127.0.0.1:{port}/search?q=corpus")
+            assert status == 200 and [h["displayPath"] for h in hits["results"]] == \
+                ["shared/b.md"], hits
+        finally:
+            code, out = _stop(proc)
+        assert code == 0, out
+    finally:
+        sh("umount", "-l", mount, check=False)
 
 
 def _rebuild_with_version(deb: Path, where: Path, version: str) -> Path:
