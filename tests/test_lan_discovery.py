@@ -62,11 +62,13 @@ def in_ns(ns: str, *cmd: str) -> list[str]:
     return ["ip", "netns", "exec", ns, *cmd]
 
 
-def start_daemon_in(state_dir: Path) -> subprocess.Popen[str]:
+def start_daemon_in(state_dir: Path, port: int = 7832, name: str = "board one",
+                    *extra: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NPUSERVE_")}
     return subprocess.Popen(
         in_ns(NS_A, sys.executable, "-m", "npuserve.daemon.cli", "serve", "--host", "0.0.0.0",
-              "--port", "7832", "--state-dir", str(state_dir), "--set", "server.name=board one"),
+              "--port", str(port), "--state-dir", str(state_dir), "--set",
+              f"server.name={name}", *extra),
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -123,6 +125,73 @@ def test_discovery_and_client_across_a_link_and_after_restart(two_hosts, state_d
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
+
+
+# Run in host B: discover, then 4 agents of /embed for LOAD_SECONDS; every call's (time,
+# board) and every error surfaced to a caller, as JSON.
+SPREAD = """
+import json, sys, threading, time
+from npuserve.daemon.client import Client, discover
+found = discover(4)
+print(json.dumps({"boards": sorted(d.url for d in found)}), flush=True)
+start, calls, errors, lock = time.time(), [], [], threading.Lock()
+def agent(k):
+    # A client per agent (client.url is the board of its own latest call).
+    client, n = Client(daemons=found, retries=4, backoff=0.05), 0
+    while time.time() - start < %(seconds)s:
+        try:
+            assert len(client.embed(f"agent {k} call {n}")) == 384
+            with lock:
+                calls.append((time.time(), client.url))
+        except BaseException as exc:
+            with lock:
+                errors.append(repr(exc))
+            return
+        n += 1
+threads = [threading.Thread(target=agent, args=(k,)) for k in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(json.dumps({"calls": calls, "errors": errors}), flush=True)
+"""
+LOAD_SECONDS, STOP_AFTER = 24, 12
+
+
+@pytest.mark.slow  # slow: two daemons in a namespace, a 24 s load across the link
+def test_discovered_boards_share_the_load_and_one_leaving_surfaces_no_error(
+        two_hosts, state_dir, tmp_path, models_dir):
+    """The client in host B discovers both boards of host A over mDNS (same embedding
+    model), spreads its calls over them, and goes on through the other when one stops."""
+    second = tmp_path / "second"
+    second.mkdir()
+    (second / "models").symlink_to(models_dir, target_is_directory=True)
+    quiet = ("--set", "index.enabled=false", "--set", "models.embed.threads=1")
+    boards = [start_daemon_in(state_dir, 7832, "board one", *quiet),
+              start_daemon_in(second, 7833, "board two", *quiet)]
+    try:
+        assert len(wait_discovered(2)) == 2
+        load = subprocess.Popen(in_ns(NS_B, sys.executable, "-c",
+                                      SPREAD % {"seconds": LOAD_SECONDS}),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        first = json.loads(load.stdout.readline())
+        assert first["boards"] == [f"http://{ADDR_A}:7832", f"http://{ADDR_A}:7833"], first
+        time.sleep(STOP_AFTER)
+        stopped_at = time.time()
+        boards[0].send_signal(signal.SIGTERM)  # board one leaves mid-load
+        out, err = load.communicate(timeout=LOAD_SECONDS + 120)
+        assert load.returncode == 0, err
+    finally:
+        for proc in boards:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=60)
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["errors"] == []
+    before = [url for t, url in result["calls"] if t < stopped_at]
+    after = [url for t, url in result["calls"] if t > stopped_at + 2]
+    print(f"\nbefore the stop: {before.count(first['boards'][0])} / "
+          f"{before.count(first['boards'][1])} calls; after: {len(after)}, all on board two")
+    assert before.count(first["boards"][0]) > 0 and before.count(first["boards"][1]) > 0
+    assert after and set(after) == {first["boards"][1]}
 
 
 def test_loopback_daemon_is_not_advertised(state_dir):
