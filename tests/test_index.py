@@ -138,8 +138,14 @@ async def test_hybrid_skips_expansion_on_strong_bm25_signal(indexed):
     assert [s for s in body["stages"] if s["name"] == "expand"][0]["ran"] is True
 
 
-async def test_unchanged_documents_are_not_reembedded(indexed, corpus):
-    await _wait_embedded(indexed)
+async def test_unchanged_documents_are_not_reembedded(indexed, corpus, index_overrides):
+    storage = (await _wait_embedded(indexed))["storage"]
+    if index_overrides:  # PostgreSQL: the HNSW index's size against shared_buffers
+        assert storage["backend"] == "postgres" and storage["vectorIndexBytes"] > 0
+        assert storage["sharedBuffersBytes"] >= storage["vectorIndexBytes"]
+        assert storage["warning"] is None
+    else:
+        assert storage == {"backend": "sqlite", "warning": None}
     sched = indexed.app[SERVICES].scheduler
     calls = sched.snapshot().events.get("backend_calls", 0)
     resp = await indexed.put("/collections/man/documents/man1/ls.1",
@@ -261,3 +267,12 @@ async def test_a_document_larger_than_the_full_text_limit_is_stored_and_found(cl
     assert _paths(found) == ["big/huge.md"]
     doc = await (await client.get("/collections/big/documents/huge.md")).json()
     assert len(doc["body"]) == len(body)
+
+
+def test_an_index_larger_than_shared_buffers_is_named_with_the_fix():
+    from npuserve.daemon.index.pg_storage import buffers_warning
+
+    assert buffers_warning(100 * 2**20, 128 * 2**20) is None
+    warning = buffers_warning(1953 * 2**20, 128 * 2**20)
+    assert "1953 MB" in warning and "128 MB" in warning and "at least 2441 MB" in warning
+

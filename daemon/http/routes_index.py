@@ -263,5 +263,6 @@ async def status(request: web.Request) -> web.Response:
                         for c in collections],
         "embedder": {"embedded": index.embedder.embedded,
                      "last_error": index.embedder.last_error},
+        "storage": await index.store.report(),
         "runtime": runtime,
     })

@@ -66,6 +66,10 @@ class IndexStorage(abc.ABC):
     async def counts(self) -> tuple[int, int]:
         """(documents, chunks still without a vector)."""
 
+    @abc.abstractmethod
+    async def report(self) -> dict[str, Any]:
+        """The backend and what an operator should know of it (/status `storage`)."""
+
     # the embedding backlog
     @abc.abstractmethod
     async def pending_chunks(self, limit: int) -> list[tuple[int, int, str, str]]:
@@ -166,6 +170,9 @@ class SqliteStorage(IndexStorage):
 
     async def counts(self) -> tuple[int, int]:
         return await self._run(self.store.counts)
+
+    async def report(self) -> dict[str, Any]:
+        return {"backend": "sqlite", "warning": None}
 
     async def pending_chunks(self, limit: int) -> list[tuple[int, int, str, str]]:
         return await self._run(self.store.pending_chunks, limit)
