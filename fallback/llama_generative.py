@@ -81,7 +81,9 @@ class LlamaGenerativeBackend(ChatGeneration, LlamaSession, Backend):
         self._ctx_kind: tuple[int, bool] = (0, False)
         # The rerank prefix whose KV cells sequence 0 holds at positions 0..len-1 (None:
         # the cache holds something else). A long rerank arrives in slices, each a call
-        # with the same query: its prefix is evaluated once, not once per slice.
+        # with the same query: its prefix is evaluated once, not once per slice; the next
+        # query evaluates only where its prefix departs from this one (after the system
+        # prompt and instruction).
         self._kv_prefix: list[int] | None = None
 
     # --- lifecycle ------------------------------------------------------
@@ -230,10 +232,17 @@ class LlamaGenerativeBackend(ChatGeneration, LlamaSession, Backend):
         memory = llama.llama_get_memory(self.ctx)
         total = 0  # tokens evaluated, for the measured cost per token
         if self._kv_prefix != prefix:
-            self._clear()
-            self._eval(prefix, 0)
+            # Each position's K and V depend only on the tokens up to it, so the cells of
+            # the part shared with the previous query are kept (scores bit for bit the
+            # same as from an empty cache: tests/test_rerank_scores.py).
+            keep = shared_length(self._kv_prefix or [], prefix)
+            if keep:
+                llama.llama_memory_seq_rm(memory, 0, keep, -1)
+            else:
+                self._clear()
+            self._eval(prefix[keep:], keep)
             self._kv_prefix = prefix
-            total = len(prefix)
+            total = len(prefix) - keep
         scores: list[float] = []
         truncated: list[bool] = []
         for doc in documents:
@@ -375,3 +384,14 @@ class LlamaGenerativeBackend(ChatGeneration, LlamaSession, Backend):
     def _chat_prompt(self, user: str) -> list[int]:
         assert self.model is not None
         return chat_tokens(self.model, user)
+
+
+def shared_length(a: list[int], b: list[int]) -> int:
+    """How many leading tokens `a` and `b` have in common."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+

@@ -153,10 +153,10 @@ for t in threads: t.start()
 for t in threads: t.join()
 print(json.dumps({"calls": calls, "errors": errors}), flush=True)
 """
-LOAD_SECONDS, STOP_AFTER = 24, 12
+LOAD_SECONDS, STOP_AFTER = 16, 8
 
 
-@pytest.mark.slow  # slow: two daemons in a namespace, a 24 s load across the link
+@pytest.mark.slow  # slow: two daemons in a namespace, a 16 s load across the link
 def test_discovered_boards_share_the_load_and_one_leaving_surfaces_no_error(
         two_hosts, state_dir, tmp_path, models_dir):
     """The client in host B discovers both boards of host A over mDNS (same embedding

@@ -5,6 +5,8 @@ stays within the drift any other evaluation order has (README, "Logit rerank")."
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from npuserve.daemon.config import DEFAULT_INSTRUCTION
@@ -58,3 +60,20 @@ def test_reused_prefix_scores_near_the_whole_prompt_alone(backend):
     # p_yes_of used the context for something else: the next rerank evaluates its prefix
     # again instead of trusting a cache that no longer holds it.
     assert backend.rerank(QUERY, DOCS, DEFAULT_INSTRUCTION).scores == reused
+
+
+def test_a_new_query_evaluates_only_where_its_prompt_departs(backend):
+    """Queries share the system prompt and instruction: the next query keeps those KV cells
+    and evaluates from its own words on, and its scores are bit for bit those from an
+    empty cache."""
+    from_empty = backend.rerank(QUERY, DOCS[:4], DEFAULT_INSTRUCTION)
+    backend.rerank("which mirrors does apt use", DOCS[:1], DEFAULT_INSTRUCTION)
+    after_other = backend.rerank(QUERY, DOCS[:4], DEFAULT_INSTRUCTION)
+    assert after_other.scores == from_empty.scores
+    template = str(backend.spec.option("template"))
+    prefix, _ = split_rerank_template(template, DEFAULT_INSTRUCTION, QUERY)
+    other, _ = split_rerank_template(template, DEFAULT_INSTRUCTION, "which mirrors does apt use")
+    shared = len(os.path.commonprefix([backend._tokenize(prefix, special=True),
+                                       backend._tokenize(other, special=True)]))
+    assert shared > 10  # the system prompt and instruction
+    assert after_other.tokens == from_empty.tokens - shared
