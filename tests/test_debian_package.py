@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 import pytest
 
 from .conftest import free_port, http_json
-from .pg_support import fresh_database, pg_server  # noqa: F401 - the fixture
+from .pg_support import fresh_database, pg_server  # noqa: F401 - the fixture, by name
 
 ROOT = Path(__file__).resolve().parent.parent
 MIRROR = os.environ.get("NPUSERVE_TEST_DEBIAN_MIRROR", "http://deb.debian.org/debian")
@@ -132,7 +132,7 @@ def _stop(proc: subprocess.Popen) -> tuple[int, str]:
 
 
 def test_install_serve_upgrade_purge(deb: Path, debian_root: Path, models_dir: Path,
-                                     pg_server):  # noqa: F811
+                                     request: pytest.FixtureRequest):
     root = debian_root
     shutil.copy(deb, root / "tmp" / deb.name)
     chroot(root, "dpkg", "-i", f"/tmp/{deb.name}")
@@ -170,7 +170,7 @@ def test_install_serve_upgrade_purge(deb: Path, debian_root: Path, models_dir: P
         code, out = _stop(proc)
     assert code == 0, out
     assert (root / "var/lib/npuserve/index.sqlite").is_file()
-    _serve_on_postgres(root, pg_server)
+    _serve_on_postgres(root, _postgres_or_none(request))
 
     # Upgrade: the admin's config edit and the state survive a newer package, and the
     # upgraded daemon uses both (it listens where the edit says, finds the document).
@@ -199,9 +199,22 @@ def test_install_serve_upgrade_purge(deb: Path, debian_root: Path, models_dir: P
     assert "npuserve" not in chroot(root, "dpkg-statoverride", "--list", check=False).stdout
 
 
-def _serve_on_postgres(root: Path, server: object) -> None:
+def _postgres_or_none(request: pytest.FixtureRequest) -> object | None:
+    """The test's PostgreSQL; where it cannot start, the rest of the package test still
+    runs (and CI, which requires the packaging test whole, fails instead)."""
+    try:
+        return request.getfixturevalue("pg_server")
+    except pytest.skip.Exception as exc:
+        if os.environ.get("NPUSERVE_TEST_REQUIRE_PACKAGING") == "1":
+            pytest.fail(f"packaging test required but PostgreSQL cannot start: {exc}")
+        return None
+
+
+def _serve_on_postgres(root: Path, server: object | None) -> None:
     """The package alone runs the shared index: its environment brings psycopg (with its
     own libpq) and pgvector, so a board joins a PostgreSQL index with two config keys."""
+    if server is None:
+        return
     uri = urlsplit(fresh_database(server))
     sockets = Path(dict(parse_qsl(uri.query))["host"])
     # The socket file alone is bound in: its directory (PGDATA) is closed to other users.
