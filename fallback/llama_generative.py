@@ -236,6 +236,7 @@ class LlamaGenerativeBackend(ChatGeneration, LlamaSession, Backend):
             # the part shared with the previous query are kept (scores bit for bit the
             # same as from an empty cache: tests/test_rerank_scores.py).
             keep = shared_length(self._kv_prefix or [], prefix)
+            self._kv_prefix = None  # until the new prefix is whole (a decode may fail)
             if keep:
                 llama.llama_memory_seq_rm(memory, 0, keep, -1)
             else:
