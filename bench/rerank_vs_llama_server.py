@@ -3,7 +3,8 @@
 Same SmolLM2 GGUF, same prompts token for token, 3 queries x 20 paragraphs of the
 standard library's documentation (~100 tokens each):
 
-  npuserve      one POST /rerank of the 20 paragraphs per query (the embedded default)
+  npuserve      one POST /rerank of the 20 paragraphs per query (the embedded default,
+                its defaults: two rerank lanes of one thread each)
   llama-server  what a client of llama.cpp would do: per paragraph, POST /completion with
                 the whole prompt as token ids, `cache_prompt: true` (the query's prefix is
                 kept in the slot's KV cache between paragraphs), `n_predict: 1`, `n_probs`

@@ -153,6 +153,10 @@ _RERANK: dict[str, Key] = {
     "instruction": Key(str, DEFAULT_INSTRUCTION, "rerank instruction"),
     "yes_token": Key(str, "yes", "rerank token whose probability is the score"),
     "no_token": Key(str, "no", "rerank counter token"),
+    "lanes": Key(int, 2, "llama.cpp rerank contexts scoring documents side by side, the"
+                 " call's threads shared among them: 1.09x the documents per second of one"
+                 " context on 2 cores, the same scores; each costs a KV cache and compute"
+                 " buffer (1: one context)", minimum=1),
     "flash_attn": Key(bool, False, "llama.cpp flash attention for rerank: off, because on the"
                       " CPU it made P(yes) depend on how the prompt was split into decodes (up to"
                       " 0.1 with the prefix reused); on is a little faster"

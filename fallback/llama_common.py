@@ -110,10 +110,15 @@ def threads_now(limit: int, proc: Path | None = None) -> int:
     return max(1, min(limit, cores - watch.read()))
 
 
+def threads_for_call(requested: int) -> int:
+    """Threads for the next call: `requested` (capped by the cores), or with 0 (the
+    default) one per core that no other process is using right now."""
+    return thread_count(requested) if requested > 0 else threads_now(thread_count(0))
+
+
 def set_threads(lib: Any, ctx: Any, requested: int) -> int:
-    """Before each call: `requested` threads (capped by the cores), or with 0 (the default)
-    one per core that no other process is using right now."""
-    n = thread_count(requested) if requested > 0 else threads_now(thread_count(0))
+    """Before each call: the threads `threads_for_call` gives."""
+    n = threads_for_call(requested)
     lib.llama_set_n_threads(ctx, n, n)
     return n
 

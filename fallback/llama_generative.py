@@ -8,7 +8,6 @@ high-level `Llama` cannot, and the worker needs neither numpy nor jinja2.
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,8 @@ from npuserve.daemon.worker import cancel
 from npuserve.daemon.worker.protocol import ModelSpec
 
 from .llama_chat import ChatGeneration
-from .llama_common import set_threads, thread_count
+from .llama_common import set_threads, thread_count, threads_for_call
+from .llama_lane import Lane, score_in_lanes
 from .llama_sampling import (
     Sampler,
     allows,
@@ -54,6 +54,9 @@ from .llama_session import LlamaModel, LlamaSession
 # memory-bound, so eight sequences cost little more than one (bench/bench_scheduler.py).
 MAX_PARALLEL_EXPANSIONS = 8
 DEFAULT_UBATCH = 128
+# Rerank contexts side by side, one thread each on two cores (fallback/llama_lane.py).
+DEFAULT_LANES = 2
+
 @dataclass
 class _Sequence:
     """One expansion in flight: its sampler, output bytes, where it stands."""
@@ -79,12 +82,11 @@ class LlamaGenerativeBackend(ChatGeneration, LlamaSession, Backend):
         self._yes = self._no = -1
         self._seed = 0
         self._ctx_kind: tuple[int, bool] = (0, False)
-        # The rerank prefix whose KV cells sequence 0 holds at positions 0..len-1 (None:
-        # the cache holds something else). A long rerank arrives in slices, each a call
-        # with the same query: its prefix is evaluated once, not once per slice; the next
-        # query evaluates only where its prefix departs from this one (after the system
-        # prompt and instruction).
-        self._kv_prefix: list[int] | None = None
+        # The backend's own context as a lane (remade with the context). A long rerank
+        # arrives in slices, each a call with the same query: each lane keeps the query's
+        # prefix in its KV cells, so it is evaluated once per lane, not once per slice.
+        self._main: Lane | None = None
+        self._extra_lanes: list[Lane] = []  # more rerank contexts over the same weights
 
     # --- lifecycle ------------------------------------------------------
 
@@ -95,10 +97,6 @@ class LlamaGenerativeBackend(ChatGeneration, LlamaSession, Backend):
         except BackendError as exc:
             self.unload()
             raise ModelLoadError(str(exc)) from exc
-        llama = self.model.lib
-        self.n_ctx = int(llama.llama_n_ctx(self.ctx))
-        self.n_batch = int(llama.llama_n_batch(self.ctx))
-        self.batch = llama.llama_batch_init(self.n_batch, 0, 1)
         self._seed = int(self.spec.option("seed", -1)) & 0xFFFFFFFF
         self._yes = self._single_token(str(self.spec.option("yes_token", "yes")))
         self._no = self._single_token(str(self.spec.option("no_token", "no")))
@@ -106,14 +104,21 @@ class LlamaGenerativeBackend(ChatGeneration, LlamaSession, Backend):
                         n_ctx=self.n_ctx,
                         details={"yes_id": self._yes, "no_id": self._no})
 
+    def unload(self) -> None:
+        for lane in self._extra_lanes:
+            lane.close()
+        self._extra_lanes = []
+        self._main = None
+        super().unload()
+
     def _flash(self, task: str) -> bool:
         """Flash attention for a task: off for rerank by default (on the CPU it made P(yes)
         depend on how the prompt was split into decodes: up to 0.1), on for expansion."""
         return bool(self.spec.option(f"{task}_flash_attn",
                                      self.spec.option("flash_attn", task == "expand")))
 
-    def _open_context(self, n_seq: int, flash: bool) -> None:
-        """A context for `n_seq` sequences (kept while the count and kernel stay the same).
+    def _new_context(self, n_seq: int, flash: bool) -> Any:
+        """A llama.cpp context over the loaded weights (NULL when llama.cpp cannot make it).
 
         One sequence (rerank, a lone expansion) gets all of n_ctx in one stream. Several
         (expansions side by side) get a stream each of n_ctx / n_seq cells, so no
@@ -123,13 +128,7 @@ class LlamaGenerativeBackend(ChatGeneration, LlamaSession, Backend):
         seconds of generation.
         """
         assert self.model is not None
-        if self.ctx and self._ctx_kind == (n_seq, flash):
-            return
-        self._kv_prefix = None
         llama = self.model.lib
-        if self.ctx:
-            llama.llama_free(self.ctx)
-            self.ctx = None
         params = llama.llama_context_default_params()
         params.n_ctx = self.spec.n_ctx
         # llama.cpp reserves its compute buffer for logits over the whole vocabulary at
@@ -146,12 +145,45 @@ class LlamaGenerativeBackend(ChatGeneration, LlamaSession, Backend):
         params.n_threads = params.n_threads_batch = thread_count(self.spec.threads)
         params.flash_attn_type = (llama.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash
                                   else llama.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-        self.ctx = llama.llama_init_from_model(self.model.ptr, params)
+        return llama.llama_init_from_model(self.model.ptr, params)
+
+    def _open_context(self, n_seq: int, flash: bool) -> None:
+        """The backend's own context for `n_seq` sequences (kept while the count and
+        kernel stay the same)."""
+        assert self.model is not None
+        if self.ctx and self._ctx_kind == (n_seq, flash):
+            return
+        llama = self.model.lib
+        self._main = None
+        if self.ctx:
+            llama.llama_free(self.ctx)
+            self.ctx = None
+        self.ctx = self._new_context(n_seq, flash)
         if not self.ctx:
             raise BackendError(f"cannot create a context for {Path(self.spec.path).name}"
                                f" ({n_seq} sequences)")
         self._ctx_kind = (n_seq, flash)
+        if self.batch is None:
+            self.n_ctx = int(llama.llama_n_ctx(self.ctx))
+            self.n_batch = int(llama.llama_n_batch(self.ctx))
+            self.batch = llama.llama_batch_init(self.n_batch, 0, 1)
+        self._main = Lane(llama, self.ctx, self.batch, self.n_batch, owned=False)
 
+    def _lanes(self, wanted: int) -> list[Lane]:
+        """The backend's context (opened for rerank) and up to `wanted` - 1 more, made on
+        first use; fewer when llama.cpp cannot make another (memory): rerank then runs on
+        the lanes it has."""
+        assert self.model is not None
+        self._open_context(1, self._flash("rerank"))
+        llama = self.model.lib
+        while len(self._extra_lanes) < wanted - 1:
+            ctx = self._new_context(1, self._flash("rerank"))
+            if not ctx:
+                break
+            batch = llama.llama_batch_init(self.n_batch, 0, 1)
+            self._extra_lanes.append(Lane(llama, ctx, batch, self.n_batch, owned=True))
+        assert self._main is not None
+        return [self._main, *self._extra_lanes[:wanted - 1]]
 
     # --- tokens ---------------------------------------------------------
 
@@ -167,44 +199,27 @@ class LlamaGenerativeBackend(ChatGeneration, LlamaSession, Backend):
     def count_tokens(self, text: str) -> int:
         return len(self._tokenize(text))
 
-    # --- decoding -------------------------------------------------------
+    # --- decoding on the backend's own context -------------------------
 
     def _clear(self) -> None:
-        assert self.model is not None
-        self._kv_prefix = None
-        self.model.lib.llama_memory_clear(self.model.lib.llama_get_memory(self.ctx), True)
+        assert self._main is not None
+        self._main.clear()
 
     def _decode(self, items: list[tuple[int, int, int, bool]]) -> None:
-        """One llama_decode of (token, position, sequence, wants logits) entries."""
-        assert self.model is not None
-        batch = self.batch
-        for j, (tok, pos, seq, logits) in enumerate(items):
-            batch.token[j], batch.pos[j] = tok, pos
-            batch.seq_id[j][0], batch.n_seq_id[j], batch.logits[j] = seq, 1, logits
-        batch.n_tokens = len(items)
-        code = self.model.lib.llama_decode(self.ctx, batch)
-        if code != 0:
-            raise BackendError(f"llama_decode failed with code {code}")
+        assert self._main is not None
+        self._main.decode(items)
 
     def _eval(self, tokens: list[int], start: int, seq: int = 0) -> None:
-        """Tokens of one sequence from position `start`, logits for the last one."""
-        for i in range(0, len(tokens), self.n_batch):
-            chunk = tokens[i:i + self.n_batch]
-            last = i + len(chunk) == len(tokens)
-            self._decode([(t, start + i + k, seq, last and k == len(chunk) - 1)
-                          for k, t in enumerate(chunk)])
-
-    def _logit_pair(self, a: int, b: int) -> tuple[float, float]:
-        assert self.model is not None
-        ptr = self.model.lib.llama_get_logits_ith(self.ctx, -1)
-        logits = ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float))
-        return float(logits[a]), float(logits[b])
+        assert self._main is not None
+        self._main.eval(tokens, start, seq)
 
     def p_yes_of(self, tokens: list[int]) -> float:
         """P(yes) after a whole prompt evaluated from scratch (the no-reuse baseline)."""
+        self._open_context(1, self._flash("rerank"))
         self._clear()
         self._eval(tokens, 0)
-        return p_yes(*self._logit_pair(self._yes, self._no))
+        assert self._main is not None
+        return p_yes(*self._main.logit_pair(self._yes, self._no))
 
     # --- rerank ---------------------------------------------------------
 
@@ -224,37 +239,16 @@ class LlamaGenerativeBackend(ChatGeneration, LlamaSession, Backend):
             )
         if max_doc_tokens:
             budget = max(MIN_DOC_TOKENS, min(budget, max_doc_tokens))
-        # The prefix (system, instruction, query) is evaluated once; each document then
-        # only evaluates its own tokens on top of that KV cache (scores identical).
-        self._open_context(1, self._flash("rerank"))
-        llama = self.model.lib
-        set_threads(llama, self.ctx, self.spec.threads)
-        memory = llama.llama_get_memory(self.ctx)
-        total = 0  # tokens evaluated, for the measured cost per token
-        if self._kv_prefix != prefix:
-            # Each position's K and V depend only on the tokens up to it, so the cells of
-            # the part shared with the previous query are kept (scores bit for bit the
-            # same as from an empty cache: tests/test_rerank_scores.py).
-            keep = shared_length(self._kv_prefix or [], prefix)
-            self._kv_prefix = None  # until the new prefix is whole (a decode may fail)
-            if keep:
-                llama.llama_memory_seq_rm(memory, 0, keep, -1)
-            else:
-                self._clear()
-            self._eval(prefix[keep:], keep)
-            self._kv_prefix = prefix
-            total = len(prefix) - keep
-        scores: list[float] = []
-        truncated: list[bool] = []
-        for doc in documents:
-            cancel.check()  # between documents: a client that left stops the rest
-            toks = self._tokenize(doc)
-            truncated.append(len(toks) > budget)
-            toks = toks[:budget] + suffix
-            llama.llama_memory_seq_rm(memory, 0, len(prefix), -1)
-            self._eval(toks, len(prefix))
-            total += len(toks)
-            scores.append(p_yes(*self._logit_pair(self._yes, self._no)))
+        tokenized = [self._tokenize(doc) for doc in documents]
+        truncated = [len(toks) > budget for toks in tokenized]
+        # The prefix (system, instruction, query) is evaluated once per lane; each
+        # document then only evaluates its own tokens on top of that KV cache.
+        threads = threads_for_call(self.spec.threads)
+        wanted = min(int(self.spec.option("lanes", DEFAULT_LANES)), threads,
+                     max(1, len(documents)))
+        scores, total = score_in_lanes(self._lanes(wanted), threads, prefix,
+                                       [toks[:budget] + suffix for toks in tokenized],
+                                       self._yes, self._no)
         return RerankOutput(scores=scores, truncated=truncated, tokens=total)
 
     # --- expansion ------------------------------------------------------
@@ -385,14 +379,4 @@ class LlamaGenerativeBackend(ChatGeneration, LlamaSession, Backend):
     def _chat_prompt(self, user: str) -> list[int]:
         assert self.model is not None
         return chat_tokens(self.model, user)
-
-
-def shared_length(a: list[int], b: list[int]) -> int:
-    """How many leading tokens `a` and `b` have in common."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 

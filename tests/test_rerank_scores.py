@@ -12,6 +12,7 @@ import pytest
 from npuserve.daemon.config import DEFAULT_INSTRUCTION
 from npuserve.daemon.models.qmd_conventions import split_rerank_template
 from npuserve.daemon.models.registry import plan_models
+from npuserve.fallback.llama_common import thread_count
 from npuserve.fallback.llama_generative import LlamaGenerativeBackend
 
 QUERY = "how does apt verify package signatures before installing"
@@ -20,13 +21,41 @@ DOCS = [f"passage {i}: apt downloads archives from mirrors, verifies signatures 
         for i in range(8)]
 
 
-@pytest.fixture
-def backend(make_config):
-    plans, task_model = plan_models(make_config())
+def open_backend(make_config, **overrides: str) -> LlamaGenerativeBackend:
+    plans, task_model = plan_models(make_config(**overrides))
     b = LlamaGenerativeBackend(plans[task_model["rerank"]].spec)
     b.load()
+    return b
+
+
+@pytest.fixture
+def backend(make_config):
+    """One context: the prefix kept in its KV cells is what these tests follow."""
+    b = open_backend(make_config, models__rerank__lanes="1")
     yield b
     b.unload()
+
+
+@pytest.mark.skipif(thread_count(0) < 2, reason="lanes share out two or more cores")
+def test_lanes_side_by_side_score_bit_for_bit_as_one_context(make_config):
+    """Two contexts on one thread each take the documents in turn (fallback/llama_lane.py):
+    every score is the one a single two-thread context gives, in the documents' order,
+    also when the rerank arrives in slices."""
+    one = open_backend(make_config, models__rerank__lanes="1", models__rerank__threads="2")
+    two = open_backend(make_config, models__rerank__lanes="2", models__rerank__threads="2")
+    try:
+        alone = one.rerank(QUERY, DOCS, DEFAULT_INSTRUCTION)
+        side_by_side = two.rerank(QUERY, DOCS, DEFAULT_INSTRUCTION)
+        sliced = (two.rerank(QUERY, DOCS[:3], DEFAULT_INSTRUCTION).scores
+                  + two.rerank(QUERY, DOCS[3:], DEFAULT_INSTRUCTION).scores)
+        assert len(two._extra_lanes) == 1  # it ran on a second context
+        assert side_by_side.scores == alone.scores
+        assert sliced == alone.scores
+        # Each lane evaluated the query's prefix once; the documents once in all.
+        assert side_by_side.tokens > alone.tokens
+    finally:
+        one.unload()
+        two.unload()
 
 
 def test_scores_do_not_depend_on_companions_order_or_calls(backend):

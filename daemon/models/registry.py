@@ -22,7 +22,7 @@ from npuserve.daemon.worker.protocol import ModelSpec
 if TYPE_CHECKING:  # the NPU probes stay unimported until an NPU model is configured
     from npuserve.npu.detect import NpuReport
 
-RERANK_OPTIONS = ("template", "instruction", "yes_token", "no_token")
+RERANK_OPTIONS = ("template", "instruction", "yes_token", "no_token", "lanes")
 EXPAND_OPTIONS = (
     "max_tokens", "max_lines", "max_line_chars", "temperature", "top_k", "top_p",
     "presence_penalty", "seed",
