@@ -4,7 +4,8 @@
    (SmolLM2, the embedded default) against a cross-encoder of MiniLM's size (all-MiniLM-L6-v2
    with a classification head, built as tests/gguf_builders.py builds it: the graph and cost
    of an ms-marco MiniLM cross-encoder; its random head makes its scores meaningless, so only
-   time is compared). Prints seconds per query and the ratio.
+   time is compared). Prints seconds per query and the ratio; and the logit reranker on
+   one lane (one context on every thread) against its default two (fallback/llama_lane.py).
 2. Expansion through /v1/chat/completions (QMD's OpenAI-style clients) against /expand, on
    two fresh daemons with the same seed: whether the lines are identical, and the time ratio.
 
@@ -96,7 +97,7 @@ def main() -> int:
         cross = cross_encoder_from(models / "all-minilm-l6-v2-f16.gguf",
                                    Path(tmp) / "minilm-cross-encoder.gguf")
         states = []
-        for name in ("logit", "cross", "expand", "chat"):
+        for name in ("logit", "cross", "expand", "chat", "one-lane"):
             state = Path(tmp) / name
             state.mkdir()
             (state / "models").symlink_to(models)
@@ -105,12 +106,16 @@ def main() -> int:
         cross_s = time_reranks(states[1], ["scheduler.keep_alive=-1",
                                            f"models.rerank.path={cross}",
                                            "models.rerank.n_ctx=512"], docs)
+        one_lane = time_reranks(states[4], ["scheduler.keep_alive=-1",
+                                            "models.rerank.lanes=1"], docs)
         by_expand, t_expand = expansions(states[2], chat=False)
         by_chat, t_chat = expansions(states[3], chat=True)
     print(f"rerank, {len(docs)} documents x ~900 tokens, median of {len(QUERIES)} queries:"
           f" logit reranker {logit:.1f} s, cross-encoder {cross_s:.1f} s;"
           f" ratio {logit / cross_s:.1f}x faster with the cross-encoder"
           " (its 512-token context cuts each chunk)")
+    print(f"logit reranker on one lane {one_lane:.1f} s against two lanes {logit:.1f} s:"
+          f" {one_lane / logit:.2f}x faster with two")
     same = by_expand == by_chat
     print(f"expansion of {len(EXPAND_QUERIES)} queries, seed 42: /expand {t_expand:.1f} s,"
           f" /v1/chat/completions {t_chat:.1f} s (ratio {t_chat / t_expand:.2f});"

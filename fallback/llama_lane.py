@@ -17,7 +17,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from npuserve.daemon.models.backend_api import BackendError
@@ -32,6 +32,11 @@ class Lane:
     def __init__(self, lib: Any, ctx: Any, batch: Any, n_batch: int, owned: bool) -> None:
         self.lib, self.ctx, self.batch, self.n_batch = lib, ctx, batch, n_batch
         self.owned = owned  # the backend's own context is freed by the backend
+        self.threads = 0  # as last set
+        # Asked before each decode of a rerank: threads a lane that ran out of documents
+        # gave up go to the lanes still working (a long document decodes in several
+        # micro-batches, so the last document of a call does not run on one thread).
+        self.share: Callable[[], int] | None = None
         # None: the cache holds something else (or a decode failed part-way).
         self.kv_prefix: list[int] | None = None
 
@@ -42,7 +47,9 @@ class Lane:
         self.ctx = self.batch = None
 
     def set_threads(self, n: int) -> None:
-        self.lib.llama_set_n_threads(self.ctx, n, n)
+        if n != self.threads:
+            self.lib.llama_set_n_threads(self.ctx, n, n)
+            self.threads = n
 
     def clear(self) -> None:
         self.kv_prefix = None
@@ -55,6 +62,8 @@ class Lane:
             batch.token[j], batch.pos[j] = tok, pos
             batch.seq_id[j][0], batch.n_seq_id[j], batch.logits[j] = seq, 1, logits
         batch.n_tokens = len(items)
+        if self.share is not None:
+            self.set_threads(self.share())
         code = self.lib.llama_decode(self.ctx, batch)
         if code != 0:
             raise BackendError(f"llama_decode failed with code {code}")
@@ -101,18 +110,23 @@ def score_in_lanes(lanes: list[Lane], threads: int, prefix: list[int],
                    docs: list[list[int]], yes: int, no: int) -> tuple[list[float], int]:
     """Each document's P(yes) after `prefix`, the documents taken in turn by the lanes
     side by side (the first on this thread: the cancel signal's handler runs here), the
-    `threads` shared out among them; and the tokens evaluated. A lane that fails or sees
-    the call cancelled stops the others after their current document."""
+    `threads` shared out among the lanes still working; and the tokens evaluated. A lane
+    that fails or sees the call cancelled stops the others after their current document."""
     scores = [0.0] * len(docs)
     turns = itertools.count()  # next() is atomic under the GIL: each document once
     evaluated = [0] * len(lanes)
     errors: list[BaseException] = []
     stop = threading.Event()
+    working = list(range(len(lanes)))  # lanes not yet out of documents, in order
+
+    def share(k: int) -> int:
+        rank = working.index(k) if k in working else 0
+        return max(1, threads // len(working) + (rank < threads % len(working)))
 
     def work(k: int) -> None:
         lane = lanes[k]
+        lane.share = lambda: share(k)
         try:
-            lane.set_threads(threads // len(lanes) + (k < threads % len(lanes)))
             evaluated[k] += lane.hold_prefix(prefix)
             while not stop.is_set():
                 cancel.check()  # between documents: a client that left stops the rest
@@ -124,6 +138,9 @@ def score_in_lanes(lanes: list[Lane], threads: int, prefix: list[int],
         except BaseException as exc:  # handed to the caller's thread below
             errors.append(exc)
             stop.set()
+        finally:
+            working.remove(k)  # its threads go to the others' next micro-batches
+            lane.share = None
 
     helpers = [threading.Thread(target=work, args=(k,), name=f"rerank-lane-{k}")
                for k in range(1, len(lanes))]

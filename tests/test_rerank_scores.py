@@ -40,14 +40,16 @@ def backend(make_config):
 def test_lanes_side_by_side_score_bit_for_bit_as_one_context(make_config):
     """Two contexts on one thread each take the documents in turn (fallback/llama_lane.py):
     every score is the one a single two-thread context gives, in the documents' order,
-    also when the rerank arrives in slices."""
+    also when the rerank arrives in slices, and for a document of several micro-batches
+    that a lane finishes on both threads once the other ran out of documents."""
     one = open_backend(make_config, models__rerank__lanes="1", models__rerank__threads="2")
     two = open_backend(make_config, models__rerank__lanes="2", models__rerank__threads="2")
+    docs = [*DOCS, " ".join(DOCS) * 2]  # the last: ~1,000 tokens, 8 micro-batches
     try:
-        alone = one.rerank(QUERY, DOCS, DEFAULT_INSTRUCTION)
-        side_by_side = two.rerank(QUERY, DOCS, DEFAULT_INSTRUCTION)
-        sliced = (two.rerank(QUERY, DOCS[:3], DEFAULT_INSTRUCTION).scores
-                  + two.rerank(QUERY, DOCS[3:], DEFAULT_INSTRUCTION).scores)
+        alone = one.rerank(QUERY, docs, DEFAULT_INSTRUCTION)
+        side_by_side = two.rerank(QUERY, docs, DEFAULT_INSTRUCTION)
+        sliced = (two.rerank(QUERY, docs[:3], DEFAULT_INSTRUCTION).scores
+                  + two.rerank(QUERY, docs[3:], DEFAULT_INSTRUCTION).scores)
         assert len(two._extra_lanes) == 1  # it ran on a second context
         assert side_by_side.scores == alone.scores
         assert sliced == alone.scores
