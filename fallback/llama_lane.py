@@ -32,7 +32,6 @@ class Lane:
     def __init__(self, lib: Any, ctx: Any, batch: Any, n_batch: int, owned: bool) -> None:
         self.lib, self.ctx, self.batch, self.n_batch = lib, ctx, batch, n_batch
         self.owned = owned  # the backend's own context is freed by the backend
-        self.threads = 0  # as last set
         # Asked before each decode of a rerank: threads a lane that ran out of documents
         # gave up go to the lanes still working (a long document decodes in several
         # micro-batches, so the last document of a call does not run on one thread).
@@ -47,9 +46,9 @@ class Lane:
         self.ctx = self.batch = None
 
     def set_threads(self, n: int) -> None:
-        if n != self.threads:
-            self.lib.llama_set_n_threads(self.ctx, n, n)
-            self.threads = n
+        # Set before every decode, not cached: the backend's own context is also set by
+        # expansion and chat (two ints in the context, no cost).
+        self.lib.llama_set_n_threads(self.ctx, n, n)
 
     def clear(self) -> None:
         self.kv_prefix = None
