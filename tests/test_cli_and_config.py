@@ -91,6 +91,8 @@ def test_config_errors_name_the_key(tmp_path: Path):
     assert res.returncode == 2 and "scheduler.memory_budget_mb: must be >= 0" in res.stderr
     res = run_cli("serve", "--set", "scheduler.anticipate_ms=-50")
     assert res.returncode == 2 and "scheduler.anticipate_ms: must be >= 0" in res.stderr
+    res = run_cli("serve", "--set", "models.rerank.lanes=0")  # no context to rerank on
+    assert res.returncode == 2 and "models.rerank.lanes: must be >= 1" in res.stderr
     res = run_cli("serve", "--set", "server.preload=embed,rerankk")
     assert res.returncode == 2 and "server.preload: unknown task(s) rerankk" in res.stderr
     # The test suite's own variables (NPUSERVE_TEST_*) are not config keys.
